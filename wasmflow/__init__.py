@@ -1,0 +1,3 @@
+"""wasmflow: a serverless platform for AI agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""The engine interface: what callers (CLI, dispatcher, benchmarks) see of wasmtime or WasmEdge.
+
+Callers build a `Host` once per process (capabilities and their process-wide resources), ask an engine
+to `load` a module once (compile, cache, link-check), and then `run` it as often as they like: each run is
+a fresh instance with its own `RunContext`, limits and captured output.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from wasmflow.host_functions.spec import Event, RunContext
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    ERROR = "error"  # proc_exit(n != 0)
+    TRAP = "trap"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    DENIED = "denied"
+    INVALID = "invalid"  # the module could not be compiled or linked
+
+    def __str__(self) -> str:  # so f-strings print "ok", not "Status.OK"
+        return self.value
+
+
+class ModuleError(Exception):
+    """A module that cannot run: missing file, not WebAssembly, a missing import. Names the flow."""
+
+
+@dataclass
+class RunResult:
+    status: Status
+    run_id: str
+    error: Optional[str] = None
+    exit_code: Optional[int] = None
+    output: Optional[bytes] = None
+    response_status: Optional[int] = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_body: Optional[bytes] = None
+    logs: list[tuple[float, str, str]] = field(default_factory=list)  # (unix time, level, message)
+    stdout: bytes = b""
+    stderr: bytes = b""
+    denials: list[str] = field(default_factory=list)
+    instantiate_ms: float = 0.0
+    run_ms: float = 0.0
+    engine: str = ""
+    mode: str = ""  # e.g. "cranelift", "interpreter", "aot"
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+@dataclass
+class RunRequest:
+    """Everything one run needs besides the loaded module."""
+
+    flow: Any  # wasmflow.flows.model.Flow
+    event: Event
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    attempt: int = 1
+    args: Optional[list[str]] = None  # argv after the program name; default: the flow's args
+    env: Optional[dict[str, str]] = None  # extra WASI environment (wasmflow exec); default: config + secrets
+    stdin: Optional[bytes] = None
+    inherit_stdio: bool = False  # wasmflow exec: pass stdout/stderr through instead of capturing
+
+    def context(self) -> RunContext:
+        timeout = self.flow.limits.timeout
+        return RunContext(
+            flow=self.flow,
+            event=self.event,
+            run_id=self.run_id,
+            attempt=self.attempt,
+            deadline=time.monotonic() + timeout,
+        )
+
+
+class LoadedModule(Protocol):
+    flow_name: str
+    path: Path
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self, path: Path, flow_name: str) -> LoadedModule:
+        """Compile (or take from the cache) and link-check a module; raises ModuleError naming the flow."""
+        ...
+
+    def run(self, module: LoadedModule, request: RunRequest) -> RunResult:
+        """Run `_start` in a fresh instance. Never raises for anything the guest does."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,43 @@
+"""On-disk cache of compiled modules.
+
+Entries are keyed by the module's SHA-256 inside a directory named for the engine and its version, so a
+changed module or engine is recompiled. Each entry carries a digest of its own bytes and is checked
+before use: a corrupt or truncated entry is recompiled, never handed to the engine (deserializing
+untrusted machine code is how a cache becomes a crash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+_DIGEST = 32
+
+
+class ModuleCache:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def entry(self, wasm: bytes) -> Path:
+        return self.directory / (hashlib.sha256(wasm).hexdigest() + ".bin")
+
+    def get_or_compile(self, wasm: bytes, compile_: Callable[[], bytes]) -> tuple[bytes, bool]:
+        """(compiled bytes, whether they came from the cache)."""
+        path = self.entry(wasm)
+        try:
+            blob = path.read_bytes()
+            digest, body = blob[:_DIGEST], blob[_DIGEST:]
+            if len(blob) > _DIGEST and hashlib.sha256(body).digest() == digest:
+                return body, True
+        except OSError:
+            pass
+        body = compile_()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as out:
+            out.write(hashlib.sha256(body).digest() + body)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the new, never half
+        return body, False

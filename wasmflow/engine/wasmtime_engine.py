@@ -1,0 +1,245 @@
+"""The default engine: wasmtime through wasmtime-py.
+
+One `wasmtime.Engine` and one `Linker` per process (WASI plus every host function, defined once and
+store-independent); one compiled, pre-linked module per flow, cached on disk; a fresh `Store` and instance
+per run with its own limits, deadline and captured output. Deadlines use epoch interruption: a
+background thread bumps the engine's epoch every `EPOCH_MS`, so a looping guest pays nothing until it
+is stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, Callable
+
+import wasmtime
+
+from wasmflow.host_functions import Host
+from wasmflow.host_functions.config import wasi_env
+from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range
+
+from .base import ModuleError, RunRequest, RunResult, Status
+from .cache import ModuleCache
+from .outcome import CappedBuffer, classify_failure
+
+log = logging.getLogger("wasmflow.engine.wasmtime")
+EPOCH_MS = 10
+_current = threading.local()  # the RunContext of the run executing on this thread
+
+
+class _CallerMemory:
+    """GuestMemory over the calling instance's exported `memory`, valid for one host call."""
+
+    __slots__ = ("_caller", "_mem")
+
+    def __init__(self, caller: wasmtime.Caller) -> None:
+        self._caller = caller
+        mem = caller.get("memory")
+        self._mem = mem if isinstance(mem, wasmtime.Memory) else None
+
+    def size(self) -> int:
+        return self._mem.data_len(self._caller) if self._mem is not None else 0
+
+    def _base(self) -> int:
+        return ctypes.addressof(self._mem.data_ptr(self._caller).contents)  # type: ignore[union-attr]
+
+    def read(self, ptr: int, length: int) -> bytes:
+        ptr &= 0xFFFFFFFF
+        length &= 0xFFFFFFFF
+        check_range(self.size(), ptr, length)
+        return ctypes.string_at(self._base() + ptr, length) if length else b""
+
+    def write(self, ptr: int, data: bytes) -> None:
+        ptr &= 0xFFFFFFFF
+        check_range(self.size(), ptr, len(data))
+        if data:
+            ctypes.memmove(self._base() + ptr, data, len(data))
+
+
+def adapt(fn: HostFunction) -> Callable[..., int]:
+    """Wrap an engine-neutral body: find the run, give it memory, turn every failure into a code."""
+    body = fn.body
+    qualified = f"{fn.module}::{fn.name}"
+
+    def call(caller: wasmtime.Caller, *args: int) -> int:
+        run: RunContext | None = getattr(_current, "run", None)
+        if run is None:  # cannot happen for guests started by run(); refuse rather than crash
+            return int(Code.INTERNAL)
+        try:
+            return int(body(Call(_CallerMemory(caller), run), *args))
+        except HostError as err:
+            if err.code == Code.BAD_POINTER:
+                run.denials.append(f"{qualified}: {err.message}")
+            return err.code
+        except Exception:  # a bug of ours must not unwind through wasmtime
+            log.exception("host function %s failed in run %s", qualified, run.run_id)
+            return int(Code.INTERNAL)
+
+    return call
+
+
+@dataclass
+class WasmtimeModule:
+    flow_name: str
+    path: Path
+    module: wasmtime.Module
+    pre: Any  # wasmtime.InstancePre
+    from_cache: bool
+
+
+class WasmtimeEngine:
+    name = "wasmtime"
+
+    def __init__(self, host: Host, cache_dir: Path) -> None:
+        self.host = host
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        self.engine = wasmtime.Engine(config)
+        self.version = package_version("wasmtime")
+        self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
+        self.linker = wasmtime.Linker(self.engine)
+        self.linker.define_wasi()
+        for fn in host.functions():
+            ty = wasmtime.FuncType(
+                [getattr(wasmtime.ValType, t)() for t in fn.params],
+                [getattr(wasmtime.ValType, t)() for t in fn.results],
+            )
+            self.linker.define_func(fn.module, fn.name, ty, adapt(fn), access_caller=True)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="wasmtime-epoch", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(EPOCH_MS / 1000.0):
+            self.engine.increment_epoch()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(self, path: Path, flow_name: str) -> WasmtimeModule:
+        path = Path(path)
+        try:
+            wasm = path.read_bytes()
+        except OSError as exc:
+            raise ModuleError(f"flow {flow_name!r}: cannot read module {path}: {exc.strerror or exc}") from None
+        if not wasm.startswith(b"\0asm"):
+            raise ModuleError(f"flow {flow_name!r}: {path} is not a WebAssembly module (no \\0asm header)")
+
+        def compile_() -> bytes:
+            try:
+                return bytes(wasmtime.Module(self.engine, wasm).serialize())
+            except wasmtime.WasmtimeError as exc:
+                raise ModuleError(f"flow {flow_name!r}: {path} is not a valid module: {_first_line(exc)}") from None
+
+        serialized, from_cache = self.cache.get_or_compile(wasm, compile_)
+        module = wasmtime.Module.deserialize(self.engine, serialized)
+        try:
+            pre = self.linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: {_first_line(exc)}") from None
+        if "_start" not in {e.name for e in module.exports}:
+            raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
+        return WasmtimeModule(flow_name, path, module, pre, from_cache)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, module: WasmtimeModule, request: RunRequest) -> RunResult:
+        flow = request.flow
+        limits = flow.limits
+        ctx = request.context()
+        result = RunResult(status=Status.OK, run_id=ctx.run_id, engine=self.name, mode="cranelift")
+        stdout, stderr = CappedBuffer(limits.output), CappedBuffer(limits.output)
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=limits.memory, table_elements=limits.table_elements, instances=10, memories=4)
+        stdin_file = None
+        try:
+            wasi = wasmtime.WasiConfig()
+            args = flow.args if request.args is None else request.args
+            wasi.argv = [flow.name, *args]
+            wasi.env = list((wasi_env(flow) if request.env is None else request.env).items())
+            if request.inherit_stdio:
+                wasi.inherit_stdout()
+                wasi.inherit_stderr()
+            else:
+                wasi.stdout_custom = stdout.write
+                wasi.stderr_custom = stderr.write
+            if request.stdin is not None:
+                stdin_file = tempfile.NamedTemporaryFile(prefix="wasmflow-stdin-")
+                stdin_file.write(request.stdin)
+                stdin_file.flush()
+                wasi.stdin_file = stdin_file.name
+            elif request.inherit_stdio:
+                wasi.inherit_stdin()
+            for entry in flow.allow.dirs:
+                host_path, guest_path, *ro = entry.split(":")
+                wasi.preopen_dir(host_path, guest_path, fs_mutable=not ro)
+            store.set_wasi(wasi)
+            store.set_epoch_deadline(max(1, math.ceil(limits.timeout * 1000 / EPOCH_MS)))
+            self._execute(module, store, ctx, result)
+        finally:
+            if stdin_file is not None:
+                stdin_file.close()
+        result.stdout, result.stderr = stdout.value(), stderr.value()
+        for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials"):
+            setattr(result, attr, getattr(ctx, attr))
+        if not result.ok:
+            classify_failure(result, memory_bytes=result_memory(store, ctx), memory_cap=limits.memory)
+        return result
+
+    def _execute(self, module: WasmtimeModule, store: wasmtime.Store, ctx: RunContext, result: RunResult) -> None:
+        self.host.open_run(ctx)
+        _current.run = ctx
+        t0 = time.perf_counter()
+        instance = None
+        try:
+            instance = module.pre.instantiate(store)
+            t1 = time.perf_counter()
+            result.instantiate_ms = (t1 - t0) * 1000
+            ctx.state["_memory"] = instance.exports(store).get("memory")
+            start = instance.exports(store)["_start"]
+            try:
+                start(store)
+            finally:
+                result.run_ms = (time.perf_counter() - t1) * 1000
+        except wasmtime.ExitTrap as exc:
+            result.exit_code = exc.code
+            result.status = Status.OK if exc.code == 0 else Status.ERROR
+            if exc.code:
+                result.error = f"the guest exited with code {exc.code}"
+        except wasmtime.Trap as exc:
+            result.error = _first_line(exc)
+            result.status = Status.TIMEOUT if exc.trap_code == wasmtime.TrapCode.INTERRUPT else Status.TRAP
+            if result.status is Status.TIMEOUT:
+                result.error = f"deadline of {ctx.flow.limits.timeout:g}s passed"
+        except wasmtime.WasmtimeError as exc:
+            # Instantiation failures (a memory minimum over the cap, a start function trap) land here.
+            result.status, result.error = Status.TRAP, _first_line(exc)
+            if instance is None and "memory" in str(exc) and ("limit" in str(exc) or "grow" in str(exc)):
+                result.status = Status.OOM
+        finally:
+            _current.run = None
+            self.host.close_run(ctx)
+
+
+def result_memory(store: wasmtime.Store, ctx: RunContext) -> int:
+    mem = ctx.state.get("_memory")
+    try:
+        return mem.data_len(store) if isinstance(mem, wasmtime.Memory) else 0
+    except Exception:
+        return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,111 @@
+"""Key-value storage scoped to the flow, persisted in the store's `kv` table.
+
+A flow must declare `allow.kv: true`; keys are private to the flow (the flow name is part of the
+primary key), so two flows never see each other's data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import sqlalchemy as sa
+
+from wasmflow.platform.db import kv_table
+
+from .spec import Call, Capability, Code, HostError, HostFunction, i32s, read_str, write_result
+
+MAX_KEY = 512
+MAX_VALUE = 1024 * 1024
+MAX_KEYS_LISTED = 1000
+
+
+class KeyValueStore:
+    """Plain Python access to the kv table, used by the capability and by tests and the CLI."""
+
+    def __init__(self, db: sa.Engine) -> None:
+        self.db = db
+
+    def get(self, flow: str, key: str) -> bytes | None:
+        with self.db.connect() as conn:
+            row = conn.execute(
+                sa.select(kv_table.c.value).where(kv_table.c.flow == flow, kv_table.c.key == key)
+            ).first()
+        return None if row is None else bytes(row[0])
+
+    def set(self, flow: str, key: str, value: bytes) -> None:
+        with self.db.begin() as conn:
+            updated = conn.execute(
+                kv_table.update()
+                .where(kv_table.c.flow == flow, kv_table.c.key == key)
+                .values(value=value, updated_at=time.time())
+            ).rowcount
+            if not updated:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(kv_table.insert().values(flow=flow, key=key, value=value, updated_at=time.time()))
+                except sa.exc.IntegrityError:  # a concurrent writer inserted first: last write wins
+                    conn.execute(
+                        kv_table.update()
+                        .where(kv_table.c.flow == flow, kv_table.c.key == key)
+                        .values(value=value, updated_at=time.time())
+                    )
+
+    def delete(self, flow: str, key: str) -> None:
+        with self.db.begin() as conn:
+            conn.execute(kv_table.delete().where(kv_table.c.flow == flow, kv_table.c.key == key))
+
+    def keys(self, flow: str, prefix: str = "", limit: int = MAX_KEYS_LISTED) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                sa.select(kv_table.c.key)
+                .where(kv_table.c.flow == flow, kv_table.c.key.like(escaped + "%", escape="\\"))
+                .order_by(kv_table.c.key)
+                .limit(limit)
+            ).all()
+        return [r[0] for r in rows]
+
+
+class KeyValueCapability(Capability):
+    name = "kv"
+
+    def __init__(self, store: KeyValueStore) -> None:
+        self.store = store
+
+    def functions(self) -> list[HostFunction]:
+        return [
+            HostFunction("wasmflow", "kv_get", i32s(3), ("i32",), self.kv_get),
+            HostFunction("wasmflow", "kv_set", i32s(4), ("i32",), self.kv_set),
+            HostFunction("wasmflow", "kv_delete", i32s(2), ("i32",), self.kv_delete),
+            HostFunction("wasmflow", "kv_keys", i32s(3), ("i32",), self.kv_keys),
+        ]
+
+    def _key(self, call: Call, ptr: int, length: int) -> str:
+        if not call.run.flow.allow.kv:
+            raise call.run.deny("key-value storage is not allowed (set allow.kv: true)")
+        if (length & 0xFFFFFFFF) > MAX_KEY:
+            raise HostError(Code.TOO_LARGE, f"key over {MAX_KEY} bytes")
+        return read_str(call.memory, ptr, length)
+
+    def kv_get(self, call: Call, key_ptr: int, key_len: int, out: int) -> int:
+        key = self._key(call, key_ptr, key_len)
+        value = self.store.get(call.run.flow.name, key)
+        if value is None:
+            raise HostError(Code.NOT_FOUND, f"no key {key!r}")
+        return write_result(call, out, value)
+
+    def kv_set(self, call: Call, key_ptr: int, key_len: int, val_ptr: int, val_len: int) -> int:
+        key = self._key(call, key_ptr, key_len)
+        if (val_len & 0xFFFFFFFF) > MAX_VALUE:
+            raise HostError(Code.TOO_LARGE, f"value over {MAX_VALUE} bytes")
+        self.store.set(call.run.flow.name, key, call.memory.read(val_ptr, val_len))
+        return Code.OK
+
+    def kv_delete(self, call: Call, key_ptr: int, key_len: int) -> int:
+        self.store.delete(call.run.flow.name, self._key(call, key_ptr, key_len))
+        return Code.OK
+
+    def kv_keys(self, call: Call, prefix_ptr: int, prefix_len: int, out: int) -> int:
+        prefix = self._key(call, prefix_ptr, prefix_len)
+        return write_result(call, out, json.dumps(self.store.keys(call.run.flow.name, prefix)).encode())

@@ -1,0 +1,221 @@
+"""Engine-neutral description of host functions.
+
+Every capability (event, kv, http, nn, ...) describes its functions once, as `HostFunction`s whose body
+works on a small `GuestMemory` accessor and a per-run `RunContext`. Each engine (wasmtime, WasmEdge)
+adapts these descriptions to its own API, so the two engines get the same functions from one definition
+and a new capability touches one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+
+class Code(enum.IntEnum):
+    """Error codes of the `wasmflow` import module (docs/abi.md)."""
+
+    OK = 0
+    NOT_FOUND = 1
+    DENIED = 2
+    INVALID = 3
+    BAD_POINTER = 4
+    TOO_LARGE = 5
+    UPSTREAM = 6
+    LIMIT = 7
+    INTERNAL = 8
+    TIMEOUT = 9
+
+
+class HostError(Exception):
+    """Raised inside a host function body to return `code` to the guest.
+
+    A body raises rather than returns codes so that helpers deep in a call (bounds checks, JSON parsing)
+    can abort the call in one line; the engine adapter turns it into the i32 result.
+    """
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or getattr(code, "name", str(code)))
+        self.code = int(code)
+        self.message = message
+
+
+class GuestMemory(Protocol):
+    """Bounds-checked view of a guest's linear memory, valid for one host call."""
+
+    def size(self) -> int: ...
+
+    def read(self, ptr: int, length: int) -> bytes:
+        """Bytes at [ptr, ptr+length); raises HostError(BAD_POINTER) outside memory."""
+        ...
+
+    def write(self, ptr: int, data: bytes) -> None:
+        """Write data at ptr; raises HostError(BAD_POINTER) outside memory."""
+        ...
+
+
+def check_range(mem_size: int, ptr: int, length: int, code: int = Code.BAD_POINTER) -> None:
+    """Shared bounds check: pointers come in as (possibly negative) i32s and are read as u32."""
+    ptr &= 0xFFFFFFFF
+    length &= 0xFFFFFFFF
+    if ptr + length > mem_size:
+        raise HostError(code, f"range {ptr}+{length} outside guest memory of {mem_size} bytes")
+
+
+def read_u32(mem: GuestMemory, ptr: int) -> int:
+    return struct.unpack("<I", mem.read(ptr, 4))[0]
+
+
+def write_u32(mem: GuestMemory, ptr: int, value: int) -> None:
+    mem.write(ptr, struct.pack("<I", value & 0xFFFFFFFF))
+
+
+def read_str(mem: GuestMemory, ptr: int, length: int) -> str:
+    try:
+        return mem.read(ptr, length).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HostError(Code.INVALID, f"argument is not UTF-8: {exc}") from None
+
+
+def read_json(mem: GuestMemory, ptr: int, length: int) -> Any:
+    try:
+        return json.loads(read_str(mem, ptr, length))
+    except json.JSONDecodeError as exc:
+        raise HostError(Code.INVALID, f"argument is not JSON: {exc}") from None
+
+
+# Signature shorthand: every wasmflow and WASI-NN function takes and returns i32s.
+def i32s(n: int) -> tuple[str, ...]:
+    return ("i32",) * n
+
+
+@dataclass(frozen=True)
+class HostFunction:
+    """One import a guest may call.
+
+    `body(call, *args)` receives a `Call` and the raw integer arguments, and returns an int (the error
+    code) or raises HostError. Any other exception is turned into INTERNAL by the adapter and logged,
+    so nothing a guest does can raise through the engine.
+    """
+
+    module: str
+    name: str
+    params: tuple[str, ...]
+    results: tuple[str, ...]
+    body: Callable[..., int]
+
+
+@dataclass
+class Call:
+    """What a host function body sees: the guest's memory for this call and the run it belongs to."""
+
+    memory: GuestMemory
+    run: "RunContext"
+
+
+MAX_RESULTS = 64
+
+
+@dataclass
+class RunContext:
+    """Per-run state shared by all capabilities.
+
+    Each capability keeps its own per-run state in `state[capability_name]`; this class only holds what
+    every capability needs: the run's identity, its deadline, the pending results, the captured logs and
+    output, and the record of refusals that turns a failed run into status `denied`.
+    """
+
+    flow: Any  # wasmflow.flows.model.Flow
+    event: "Event"
+    run_id: str
+    attempt: int = 1
+    deadline: float = float("inf")  # time.monotonic() value
+    state: dict[str, Any] = field(default_factory=dict)
+    logs: list[tuple[float, str, str]] = field(default_factory=list)
+    output: bytes | None = None
+    response_status: int | None = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_body: bytes | None = None
+    denials: list[str] = field(default_factory=list)
+    _results: dict[int, bytes] = field(default_factory=dict)
+    _next_handle: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def deny(self, reason: str) -> HostError:
+        """Record a refusal (it decides the run's status if the guest then fails) and return the error."""
+        self.denials.append(reason)
+        return HostError(Code.DENIED, reason)
+
+    def put_result(self, data: bytes) -> tuple[int, int]:
+        if len(self._results) >= MAX_RESULTS:
+            raise HostError(Code.LIMIT, f"more than {MAX_RESULTS} unread results")
+        handle = self._next_handle
+        self._next_handle += 1
+        self._results[handle] = bytes(data)
+        return handle, len(data)
+
+    def take_result(self, handle: int, length: int) -> bytes:
+        data = self._results.get(handle)
+        if data is None:
+            raise HostError(Code.NOT_FOUND, f"no result handle {handle}")
+        if len(data) != length:
+            raise HostError(Code.INVALID, f"result {handle} has {len(data)} bytes, not {length}")
+        del self._results[handle]
+        return data
+
+
+def write_result(call: Call, out_ptr: int, data: bytes) -> int:
+    """Store `data` as a result and write its descriptor (handle, len) at out_ptr."""
+    check_range(call.memory.size(), out_ptr, 8)
+    handle, length = call.run.put_result(data)
+    call.memory.write(out_ptr, struct.pack("<II", handle, length))
+    return Code.OK
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event as a run sees it: name, raw body, headers, and the key that makes effects idempotent."""
+
+    name: str
+    body: bytes = b"{}"
+    headers: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    trigger: str = "manual"
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError:
+            return None
+
+
+class Capability:
+    """One unit of the host: its functions, its process-wide resources, its per-run state.
+
+    Subclasses set `name`, build process-wide resources in `__init__` (clients, pools, registries) and
+    return their functions from `functions()`. `open_run` may put per-run state in `run.state[name]`;
+    `close_run` releases it, and runs whatever the outcome of the run.
+    """
+
+    name: str = ""
+
+    def functions(self) -> list[HostFunction]:
+        raise NotImplementedError
+
+    def open_run(self, run: RunContext) -> None:
+        return None
+
+    def close_run(self, run: RunContext) -> None:
+        return None
+
+    def close(self) -> None:
+        """Release process-wide resources."""
+        return None
