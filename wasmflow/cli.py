@@ -15,6 +15,7 @@ from typing import Optional
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
@@ -32,7 +33,7 @@ def flows_path_option(f):  # type: ignore[no-untyped-def]
 
 
 def resolve_flows_path(flows_path: Optional[Path]) -> Path:
-    return flows_path or Path(os.environ.get("WASMFLOW_FLOWS", "flows.yaml"))
+    return flows_path or Path(os.environ.get("WASMFLOW_FLOWS") or "flows.yaml")
 
 
 def load_runtime(flows_path: Optional[Path], engine: Optional[str] = None, database_url: Optional[str] = None):  # type: ignore[no-untyped-def]
@@ -44,7 +45,7 @@ def load_runtime(flows_path: Optional[Path], engine: Optional[str] = None, datab
     try:
         loaded = load_flows(path)
     except FlowsError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     return Runtime(loaded.file, loaded.base_dir, database_url=database_url, engine_override=engine)
 
@@ -130,6 +131,13 @@ def _register() -> None:
 
     main.add_command(build_command, "build")
     main.add_command(validate_command, "validate")
+    from wasmflow.platform import cli_commands as platform_cli
+    main.add_command(platform_cli.up_command, "up")
+    main.add_command(platform_cli.worker_command, "worker")
+    main.add_command(platform_cli.runs_command, "runs")
+    main.add_command(platform_cli.logs_command, "logs")
+    main.add_command(platform_cli.events_command, "events")
+    main.add_command(platform_cli.replay_command, "replay")
 
 
 _register()

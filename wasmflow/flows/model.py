@@ -169,11 +169,17 @@ class Trigger(Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        """`- http` and `- http:` (no settings) mean the trigger with its defaults, not "no trigger"."""
-        if isinstance(data, str) and data in ("github", "schedule", "http"):
+        """`- http` and `- http:` (no settings) mean the trigger with its defaults, not "no trigger".
+
+        Only a lone key is widened: a dumped Trigger lists the unset kinds as None and must stay as it is.
+        """
+        kinds = ("github", "schedule", "http")
+        if isinstance(data, str) and data in kinds:
             return {data: {}}
-        if isinstance(data, dict):
-            return {k: ({} if v is None and k in ("github", "schedule", "http") else v) for k, v in data.items()}
+        if isinstance(data, dict) and len(data) == 1:
+            ((key, value),) = data.items()
+            if key in kinds and value is None:
+                return {key: {}}
         return data
 
     @model_validator(mode="after")

@@ -1,0 +1,19 @@
+"""flows.yaml: the schema (`model`), the line-aware loader (`loader`) and the `validate` command."""
+
+from .loader import FlowsError, LoadedFlows, load_flows
+from .model import Allow, Flow, FlowsFile, Limits, ModelSpec, Retry, Trigger, parse_duration, parse_size
+
+__all__ = [
+    "Allow",
+    "Flow",
+    "FlowsError",
+    "FlowsFile",
+    "Limits",
+    "LoadedFlows",
+    "ModelSpec",
+    "Retry",
+    "Trigger",
+    "load_flows",
+    "parse_duration",
+    "parse_size",
+]
