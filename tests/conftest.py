@@ -1,0 +1,28 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wasmflow.build import BuildError, build, find_toolchain
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_WORKSPACE = REPO / "guest-examples"
+
+
+@pytest.fixture(scope="session")
+def guest_wasm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every guest of `guest-examples/` built to wasm, once per session: package name -> .wasm path
+    (`guest_wasm["hello"]`, `guest_wasm["hostile-loop"]`).
+
+    Cargo keeps its build in `guest-examples/target`, so later sessions only rebuild what changed.
+    Without a Rust WASI toolchain the tests that need guests are skipped, saying how to install one;
+    a toolchain that fails to build them is a test error with cargo's output.
+    """
+    try:
+        find_toolchain()
+    except BuildError as exc:
+        pytest.skip(str(exc))
+    return build(None, GUEST_WORKSPACE, tmp_path_factory.mktemp("build-state"), progress=False)
