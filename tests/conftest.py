@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,5 +25,19 @@ def guest_wasm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     try:
         find_toolchain()
     except BuildError as exc:
+        if os.environ.get("CI"):  # CI installs the toolchain: its absence there is a failure, not a skip
+            pytest.fail(str(exc))
         pytest.skip(str(exc))
     return build(None, GUEST_WORKSPACE, tmp_path_factory.mktemp("build-state"), progress=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._wasmflow_exitstatus = exitstatus  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave through exit_now once pytest has printed its summary (see wasmflow/process.py)."""
+    from wasmflow.process import exit_now
+
+    exit_now(int(getattr(config, "_wasmflow_exitstatus", 0)))

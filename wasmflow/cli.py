@@ -143,5 +143,16 @@ def _register() -> None:
 _register()
 
 
+def entry() -> None:
+    """Console-script entry point: run the CLI, then leave through `exit_now` (see wasmflow/process.py)."""
+    from wasmflow.process import exit_now
+
+    try:
+        main(standalone_mode=True)
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
