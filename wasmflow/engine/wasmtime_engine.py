@@ -40,10 +40,9 @@ class _CallerMemory:
 
     __slots__ = ("_caller", "_mem")
 
-    def __init__(self, caller: wasmtime.Caller) -> None:
+    def __init__(self, caller: wasmtime.Caller, mem: wasmtime.Memory | None) -> None:
         self._caller = caller
-        mem = caller.get("memory")
-        self._mem = mem if isinstance(mem, wasmtime.Memory) else None
+        self._mem = mem
 
     def size(self) -> int:
         return self._mem.data_len(self._caller) if self._mem is not None else 0
@@ -74,7 +73,11 @@ def adapt(fn: HostFunction) -> Callable[..., int]:
         if run is None:  # cannot happen for guests started by run(); refuse rather than crash
             return int(Code.INTERNAL)
         try:
-            return int(body(Call(_CallerMemory(caller), run), *args))
+            mem = run.state.get("_memory")
+            if mem is None:  # looked up once per run: the export handle stays valid for the instance
+                mem = caller.get("memory")
+                run.state["_memory"] = mem = mem if isinstance(mem, wasmtime.Memory) else False
+            return int(body(Call(_CallerMemory(caller, mem or None), run), *args))
         except HostError as err:
             if err.code == Code.BAD_POINTER:
                 run.denials.append(f"{qualified}: {err.message}")
@@ -204,9 +207,9 @@ class WasmtimeEngine:
         instance = None
         try:
             instance = module.pre.instantiate(store)
+            ctx.state["_instance"] = instance
             t1 = time.perf_counter()
             result.instantiate_ms = (t1 - t0) * 1000
-            ctx.state["_memory"] = instance.exports(store).get("memory")
             start = instance.exports(store)["_start"]
             try:
                 start(store)
@@ -233,8 +236,10 @@ class WasmtimeEngine:
 
 
 def result_memory(store: wasmtime.Store, ctx: RunContext) -> int:
-    mem = ctx.state.get("_memory")
+    """Bytes of linear memory the guest ended with (0 if it never got an instance or has no memory)."""
+    instance = ctx.state.get("_instance")
     try:
+        mem = instance.exports(store).get("memory") if instance is not None else None
         return mem.data_len(store) if isinstance(mem, wasmtime.Memory) else 0
     except Exception:
         return 0

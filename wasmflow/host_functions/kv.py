@@ -21,39 +21,41 @@ MAX_KEYS_LISTED = 1000
 
 
 class KeyValueStore:
-    """Plain Python access to the kv table, used by the capability and by tests and the CLI."""
+    """Plain Python access to the kv table, used by the capability and by tests and the CLI.
+
+    Statements are built once with bind parameters: building SQLAlchemy expressions per call cost more
+    than the SQLite work itself on a run's hot path.
+    """
+
+    _flow, _key, _value, _now = (sa.bindparam(n) for n in ("p_flow", "p_key", "p_value", "p_now"))
+    _where = sa.and_(kv_table.c.flow == _flow, kv_table.c.key == _key)
+    _get = sa.select(kv_table.c.value).where(_where)
+    _update = kv_table.update().where(_where).values(value=_value, updated_at=_now)
+    _insert = kv_table.insert().values(flow=_flow, key=_key, value=_value, updated_at=_now)
+    _delete = kv_table.delete().where(_where)
 
     def __init__(self, db: sa.Engine) -> None:
         self.db = db
 
     def get(self, flow: str, key: str) -> bytes | None:
         with self.db.connect() as conn:
-            row = conn.execute(
-                sa.select(kv_table.c.value).where(kv_table.c.flow == flow, kv_table.c.key == key)
-            ).first()
+            row = conn.execute(self._get, {"p_flow": flow, "p_key": key}).first()
         return None if row is None else bytes(row[0])
 
     def set(self, flow: str, key: str, value: bytes) -> None:
+        params = {"p_flow": flow, "p_key": key, "p_value": value, "p_now": time.time()}
         with self.db.begin() as conn:
-            updated = conn.execute(
-                kv_table.update()
-                .where(kv_table.c.flow == flow, kv_table.c.key == key)
-                .values(value=value, updated_at=time.time())
-            ).rowcount
-            if not updated:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(kv_table.insert().values(flow=flow, key=key, value=value, updated_at=time.time()))
-                except sa.exc.IntegrityError:  # a concurrent writer inserted first: last write wins
-                    conn.execute(
-                        kv_table.update()
-                        .where(kv_table.c.flow == flow, kv_table.c.key == key)
-                        .values(value=value, updated_at=time.time())
-                    )
+            if conn.execute(self._update, params).rowcount:
+                return
+            try:
+                with conn.begin_nested():
+                    conn.execute(self._insert, params)
+            except sa.exc.IntegrityError:  # a concurrent writer inserted first: last write wins
+                conn.execute(self._update, params)
 
     def delete(self, flow: str, key: str) -> None:
         with self.db.begin() as conn:
-            conn.execute(kv_table.delete().where(kv_table.c.flow == flow, kv_table.c.key == key))
+            conn.execute(self._delete, {"p_flow": flow, "p_key": key})
 
     def keys(self, flow: str, prefix: str = "", limit: int = MAX_KEYS_LISTED) -> list[str]:
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
