@@ -42,4 +42,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 echo "==> building guests"
-.venv/bin/wasmflow build --quiet
+.venv/bin/wasmflow build
