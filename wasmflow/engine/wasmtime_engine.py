@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import sys
 import tempfile
 import threading
 import time
@@ -174,9 +175,11 @@ class WasmtimeEngine:
             if request.inherit_stdio:
                 wasi.inherit_stdout()
                 wasi.inherit_stderr()
+                ctx.state["_stdout"] = _write_process_stdout
             else:
                 wasi.stdout_custom = stdout.write
                 wasi.stderr_custom = stderr.write
+                ctx.state["_stdout"] = stdout.write  # host-side writes (WASI-NN stream-stdout) land in order
             if request.stdin is not None:
                 stdin_file = tempfile.NamedTemporaryFile(prefix="wasmflow-stdin-")
                 stdin_file.write(request.stdin)
@@ -233,6 +236,12 @@ class WasmtimeEngine:
         finally:
             _current.run = None
             self.host.close_run(ctx)
+
+
+def _write_process_stdout(data: bytes) -> int:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return len(data)
 
 
 def result_memory(store: wasmtime.Store, ctx: RunContext) -> int:

@@ -4,7 +4,7 @@
 """
 
 from .abi import Encoding, NNError, NNFailure, Target, TensorType
-from .host import WasiNNCapability, nn_capability_from_flows
+from .host import NnCapability, WasiNNCapability
 from .registry import ModelEntry, ModelRegistry, parse_preload
 
 __all__ = [
@@ -16,6 +16,6 @@ __all__ = [
     "Target",
     "TensorType",
     "WasiNNCapability",
-    "nn_capability_from_flows",
+    "NnCapability",
     "parse_preload",
 ]
