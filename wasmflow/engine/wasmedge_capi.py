@@ -27,7 +27,9 @@ import os
 import threading
 from ctypes import POINTER, Structure, c_bool, c_char_p, c_int32, c_uint8, c_uint32, c_uint64, c_void_p
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+from .base import ModuleError
 
 SUPPORTED = ((0, 14), (0, 17))  # inclusive range of (major, minor) the bindings were written for
 ENV_VAR = "WASMFLOW_WASMEDGE_LIB"
@@ -41,6 +43,8 @@ ERR_INTERRUPTED = 0x07
 # WasmEdge_ExternalType
 EXTERNAL_FUNCTION = 0x00
 EXTERNAL_MEMORY = 0x02
+# WasmEdge_RunMode
+RUN_MODE_AOT = 2
 
 INSTALL_HINT = (
     "install WasmEdge 0.14 to 0.17 with its official installer "
@@ -51,8 +55,13 @@ INSTALL_HINT = (
 )
 
 
-class WasmEdgeUnavailable(RuntimeError):
-    """libwasmedge is missing, unloadable, or of a version these bindings do not support."""
+class WasmEdgeUnavailable(ModuleError, RuntimeError):
+    """libwasmedge is missing, unloadable, or of a version these bindings do not support.
+
+    A `ModuleError` so that a flow choosing WasmEdge where it is not installed ends as a run of status
+    `invalid` carrying this message (how to install it), the way any module that cannot start does,
+    rather than as an exception out of the runtime.
+    """
 
 
 class String(Structure):
@@ -95,11 +104,18 @@ _PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...], bool]] = {
     "WasmEdge_ResultGetMessage": (c_char_p, (Result,), True),
     "WasmEdge_ValTypeGenI32": (ValType, (), True),
     "WasmEdge_ValTypeGenI64": (ValType, (), True),
+    "WasmEdge_ValTypeIsI32": (c_bool, (ValType,), True),
+    "WasmEdge_ValTypeIsI64": (c_bool, (ValType,), True),
+    "WasmEdge_ValTypeIsF32": (c_bool, (ValType,), True),
+    "WasmEdge_ValTypeIsF64": (c_bool, (ValType,), True),
+    "WasmEdge_ValTypeIsV128": (c_bool, (ValType,), True),
     # configure
     "WasmEdge_ConfigureCreate": (P, (), True),
     "WasmEdge_ConfigureSetMaxMemoryPage": (None, (P, c_uint32), True),
     "WasmEdge_ConfigureDelete": (None, (P,), True),
     "WasmEdge_ConfigureCompilerSetInterruptible": (None, (P, c_bool), True),
+    # 0.17+: the loader reads a module's AOT section only in RunMode AOT (before: whenever present)
+    "WasmEdge_ConfigureSetRunMode": (None, (P, c_uint32), False),
     # loader, validator, AST
     "WasmEdge_LoaderCreate": (P, (P,), True),
     "WasmEdge_LoaderParseFromBytes": (Result, (P, POINTER(P), Bytes), True),
@@ -197,6 +213,13 @@ class Lib:
         """WASI stdio can be mapped to our own fds (0.16+); older versions write to fds 0-2."""
         return self.WasmEdge_ModuleInstanceCreateWASIWithFds is not None
 
+    def type_name(self, vt: ValType) -> str:
+        """A value type's name. Compared by name, not bytes: byte 0 of a ValType is uninitialized padding."""
+        for name in ("I32", "I64", "F32", "F64", "V128"):
+            if getattr(self, f"WasmEdge_ValTypeIs{name}")(vt):
+                return name.lower()
+        return "ref:" + bytes(vt.Data[1:]).hex()
+
     def ok(self, res: Result) -> bool:
         return res.Code == 0
 
@@ -239,7 +262,7 @@ _LIB_NAMES = ("libwasmedge.so", "libwasmedge.so.0", "libwasmedge.dylib")
 _STANDARD_DIRS = ("~/.wasmedge/lib", "/usr/local/lib", "/usr/lib")
 
 
-def candidates(environ: Optional[dict[str, str]] = None) -> list[str]:
+def candidates(environ: Optional[Mapping[str, str]] = None) -> list[str]:
     """Where the library is looked for, in order (the issue's order: env var, install places, loader)."""
     env = os.environ if environ is None else environ
     found: list[str] = []
@@ -264,34 +287,38 @@ _loaded: Optional[Lib] = None
 _load_lock = threading.Lock()
 
 
-def load(environ: Optional[dict[str, str]] = None) -> Lib:
-    """The process's libwasmedge (loaded once), or WasmEdgeUnavailable saying how to get one."""
+def load() -> Lib:
+    """The process's libwasmedge, loaded once (WasmEdgeUnavailable, saying how to get one, if none)."""
     global _loaded
     with _load_lock:
-        if _loaded is not None:
-            return _loaded
-        env = os.environ if environ is None else environ
-        paths = candidates(env)
-        if not paths:
-            where = (
-                f"{ENV_VAR}={env[ENV_VAR]} names no libwasmedge"
-                if env.get(ENV_VAR)
-                else f"libwasmedge not found ({ENV_VAR} unset; looked in {', '.join(_STANDARD_DIRS)} and the loader path)"
-            )
-            raise WasmEdgeUnavailable(f"{where}: {INSTALL_HINT}")
-        errors = []
-        for path in paths:
-            try:
-                cdll = ctypes.CDLL(path)
-            except OSError as exc:
-                errors.append(f"{path}: {exc}")
-                continue
-            lib = Lib(path, cdll)
-            check_version(lib)
-            lib.WasmEdge_LogOff()  # traps are reported in RunResult; WasmEdge's own stderr lines are noise
-            _loaded = lib
-            return lib
-        raise WasmEdgeUnavailable(f"libwasmedge could not be loaded ({'; '.join(errors)}): {INSTALL_HINT}")
+        if _loaded is None:
+            _loaded = open_library()
+        return _loaded
+
+
+def open_library(environ: Optional[Mapping[str, str]] = None) -> Lib:
+    """Find, load and version-check libwasmedge (uncached: `load` is what the engine calls)."""
+    env = os.environ if environ is None else environ
+    paths = candidates(env)
+    if not paths:
+        where = (
+            f"{ENV_VAR}={env[ENV_VAR]} names no libwasmedge"
+            if env.get(ENV_VAR)
+            else f"libwasmedge not found ({ENV_VAR} unset; looked in {', '.join(_STANDARD_DIRS)} and the loader path)"
+        )
+        raise WasmEdgeUnavailable(f"{where}: {INSTALL_HINT}")
+    errors = []
+    for path in paths:
+        try:
+            cdll = ctypes.CDLL(path)
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+            continue
+        lib = Lib(path, cdll)
+        check_version(lib)
+        lib.WasmEdge_LogOff()  # traps are reported in RunResult; WasmEdge's own stderr lines are noise
+        return lib
+    raise WasmEdgeUnavailable(f"libwasmedge could not be loaded ({'; '.join(errors)}): {INSTALL_HINT}")
 
 
 def check_version(lib: Lib) -> None:

@@ -189,7 +189,12 @@ class WasmtimeEngine:
                 wasi.inherit_stdin()
             for entry in flow.allow.dirs:
                 host_path, guest_path, *ro = entry.split(":")
-                wasi.preopen_dir(host_path, guest_path, fs_mutable=not ro)
+                try:
+                    wasi.preopen_dir(host_path, guest_path, fs_mutable=not ro)
+                except wasmtime.WasmtimeError as exc:
+                    result.status = Status.INVALID
+                    result.error = f"flow {flow.name!r}: allow.dirs entry {entry!r} cannot be opened: {_first_line(exc)}"
+                    return result
             store.set_wasi(wasi)
             store.set_epoch_deadline(max(1, math.ceil(limits.timeout * 1000 / EPOCH_MS)))
             self._execute(module, store, ctx, result)
