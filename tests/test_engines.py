@@ -19,6 +19,7 @@ import pytest
 import wasmtime
 
 from wasmflow.engine import ENGINES, Engine, ModuleError, RunRequest, RunResult, Status, make_engine
+from engine_support import WASMEDGE_SKIP, skip_without, wasmedge_problem  # noqa: F401
 from wasmflow.engine import wasmedge_capi
 from wasmflow.flows.model import Flow
 from wasmflow.host_functions import Host
@@ -26,24 +27,6 @@ from wasmflow.host_functions.config import ConfigCapability
 from wasmflow.host_functions.core import CoreCapability
 from wasmflow.host_functions.spec import Call, Capability, Event, HostFunction
 
-WASMEDGE_SKIP = "libwasmedge not found (set WASMFLOW_WASMEDGE_LIB)"
-
-
-def wasmedge_problem() -> str | None:
-    """None where a supported libwasmedge loads; otherwise why not."""
-    try:
-        wasmedge_capi.load()
-    except wasmedge_capi.WasmEdgeUnavailable as exc:
-        return str(exc)
-    return None
-
-
-def skip_without(name: str) -> None:
-    if name == "wasmedge":
-        problem = wasmedge_problem()
-        if problem is not None:
-            # Absent: the fixed reason CI looks for. Present but unusable (a wrong version): say why.
-            pytest.skip(WASMEDGE_SKIP if "not found" in problem or "names no" in problem else problem)
 
 
 @pytest.fixture(params=list(ENGINES))

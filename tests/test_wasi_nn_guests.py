@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine_support import skip_without
 from wasmflow.engine.base import RunRequest, Status
 from wasmflow.flows.model import Allow, Flow, Limits
 from wasmflow.host_functions import Host
@@ -61,13 +62,13 @@ def gemma() -> Path:
 
 
 class Runner:
-    """One host and one wasmtime engine for the module, like a wasmflow process."""
+    """One host and one engine for the module, like a wasmflow process."""
 
-    def __init__(self, registry: ModelRegistry, cache: Path, wasm: dict[str, Path]) -> None:
-        from wasmflow.engine.wasmtime_engine import WasmtimeEngine
+    def __init__(self, registry: ModelRegistry, cache: Path, wasm: dict[str, Path], engine: str = "wasmtime") -> None:
+        from wasmflow.engine import make_engine
 
         self.host = Host([WasiNNCapability(registry)])
-        self.engine = WasmtimeEngine(self.host, cache)
+        self.engine = make_engine(engine, self.host, cache)
         self.wasm = wasm
         self.modules: dict[str, object] = {}
 
@@ -83,14 +84,16 @@ class Runner:
         self.host.close()
 
 
-@pytest.fixture(scope="module")
-def runner(guest_wasm: dict[str, Path], tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["wasmtime", "wasmedge"])
+def runner(request, guest_wasm: dict[str, Path], tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The guests run on both engines: a guest written for WasmEdge's plugin must behave the same."""
+    skip_without(request.param)
     reg = ModelRegistry([
         parse_preload(f"default:GGML:AUTO:{tiny['gguf']}"),
         parse_preload(f"tiny-onnx:ONNX:CPU:{tiny['onnx']}"),
         parse_preload(f"gone:GGML:AUTO:{tiny['dir']}/missing.gguf"),
     ])
-    r = Runner(reg, tmp_path_factory.mktemp("wasm-cache"), guest_wasm)
+    r = Runner(reg, tmp_path_factory.mktemp("wasm-cache"), guest_wasm, request.param)
     yield r
     r.close()
 
