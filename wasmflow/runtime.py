@@ -48,11 +48,22 @@ class Runtime:
     def _optional_capabilities(self) -> list[Capability]:
         """Capabilities whose module is present and whose section of flows.yaml is in use."""
         caps: list[Capability] = []
+        registry = None
         try:
             from wasmflow.wasi_nn.host import NnCapability
         except ImportError:
-            return caps
-        caps.append(NnCapability.from_flows(self.flows, self.base_dir, self.state_dir))
+            pass
+        else:
+            nn = NnCapability.from_flows(self.flows, self.base_dir, self.state_dir)
+            registry = getattr(nn, "registry", None)
+            caps.append(nn)
+        from wasmflow.host_functions.github import GithubCapability
+        from wasmflow.host_functions.llm import LlmCapability
+
+        # Always present, so a guest that calls them without the flows.yaml section gets DENIED, not a
+        # link error; local LLM calls share the WASI-NN registry, so weights are loaded once.
+        caps.append(GithubCapability.from_flows(self.flows, self.base_dir, self.state_dir))
+        caps.append(LlmCapability.from_flows(self.flows, self.base_dir, self.state_dir, registry=registry))
         return caps
 
     def engine_for(self, flow: Flow) -> Engine:

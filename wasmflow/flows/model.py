@@ -220,6 +220,8 @@ class LlmEndpoint(Strict):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            return None  # `${VAR:-}` left empty: the local route
         if value is not None and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f"expected an http(s) URL like https://api.openai.com/v1, got {value!r}")
         return value
@@ -227,6 +229,8 @@ class LlmEndpoint(Strict):
     @field_validator("api_key_secret")
     @classmethod
     def _secret(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            return None
         if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
             raise ValueError(f"expected an environment variable name, got {value!r}")
         return value

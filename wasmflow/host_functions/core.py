@@ -55,6 +55,7 @@ def run_info(call: Call, out: int) -> int:
         "flow": run.flow.name,
         "run_id": run.run_id,
         "attempt": run.attempt,
+        "max_attempts": run.flow.retry.attempts,
         "idempotency_key": run.event.idempotency_key or run.run_id,
         "trigger": run.event.trigger,
     }

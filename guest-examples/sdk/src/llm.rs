@@ -68,6 +68,10 @@ pub struct ChatRequest {
     /// Stop sequences.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// With `response_format: json`, the JSON schema of the answer. Local models are held to it by a
+    /// grammar; remote endpoints get plain JSON mode (not every OpenAI-compatible server takes schemas).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<serde_json::Value>,
 }
 
 /// Token counts of one call, when the back end reports them.

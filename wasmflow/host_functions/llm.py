@@ -1,0 +1,333 @@
+"""Chat and embeddings for guests, routed by the flow's `llm:` section to a remote or a local model.
+
+Why one pair of functions for both routes: a guest such as the code-review bot should not care whether
+the operator points it at OpenAI, an Ollama or llama.cpp server, wasmflow's own `/v1`, or a GGUF file
+loaded in this process. The operator picks in flows.yaml (`llm.chat` / `llm.embeddings`); the guest
+calls `llm_chat` with OpenAI-style messages and gets text back. The alternative, guests driving
+WASI-NN themselves, would make every guest carry chat templates, tokenizer budgets and sampling code,
+and could not reach hosted models at all. (WASI-NN stays available for guests that want the raw
+interface; the issue-triage example uses it for embeddings.)
+
+* Remote: the `openai` package against `base_url`, API key from the environment variable named by
+  `api_key_secret` (read by the host; the guest never sees it), no client-side retries (a failed call is
+  `UPSTREAM`, and the platform retries the run with backoff), timeout bounded by the run's deadline.
+* Local: the model named in `models:` through the WASI-NN model registry, so the weights are loaded once
+  per process and shared with WASI-NN guests; `create_chat_completion` applies the GGUF's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, i32s, read_json, write_result
+
+log = logging.getLogger("wasmflow.llm")
+
+MAX_MESSAGES_BYTES = 4 * 1024 * 1024
+MAX_CALLS = 50  # chat + embedding calls per run
+MAX_INPUTS = 256
+DEFAULT_MAX_TOKENS = 1024
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass
+class _RunLlm:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+class LlmCapability(Capability):
+    """`llm_chat`, `llm_embed` and `llm_info` in module `wasmflow`."""
+
+    name = "llm"
+
+    def __init__(self, registry: Any = None, models: Optional[Mapping[str, Any]] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> None:
+        self.registry = registry  # wasmflow.wasi_nn.registry.ModelRegistry, for local models
+        self.models = dict(models or {})  # flows.yaml `models:` (for context sizes)
+        self.environ = os.environ if environ is None else environ
+        self._clients: dict[tuple[str, str, float], Any] = {}
+
+    @classmethod
+    def from_flows(cls, flows: Any, base_dir: Path, state_dir: Optional[Path] = None, registry: Any = None) -> "LlmCapability":
+        return cls(registry=registry, models=getattr(flows, "models", {}))
+
+    def functions(self) -> list[HostFunction]:
+        return [
+            HostFunction("wasmflow", "llm_chat", i32s(3), ("i32",), self.llm_chat),
+            HostFunction("wasmflow", "llm_embed", i32s(3), ("i32",), self.llm_embed),
+            HostFunction("wasmflow", "llm_info", i32s(1), ("i32",), self.llm_info),
+        ]
+
+    def open_run(self, run: RunContext) -> None:
+        run.state["llm"] = _RunLlm()
+
+    def close_run(self, run: RunContext) -> None:
+        state: Optional[_RunLlm] = run.state.get("llm")
+        if state is not None and state.calls:
+            run.logs.append((time.time(), "debug", f"wasmflow: {state.calls} LLM calls, {state.prompt_tokens} prompt + "
+                                                   f"{state.completion_tokens} completion tokens, {state.seconds:.1f} s"))
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _endpoint(self, run: RunContext, kind: str) -> Any:
+        llm = getattr(run.flow, "llm", None)
+        endpoint = getattr(llm, kind, None) if llm is not None else None
+        if endpoint is None:
+            raise run.deny(f"the flow has no llm.{kind} in flows.yaml")
+        return endpoint
+
+    def _fail(self, run: RunContext, code: int, message: str) -> HostError:
+        """Failures are logged into the run (the operator sees why in `wasmflow logs`) and returned as a code."""
+        run.logs.append((time.time(), "warn", f"wasmflow: {message}"))
+        return HostError(code, message)
+
+    def _client(self, run: RunContext, endpoint: Any) -> Any:
+        import openai
+
+        key = "no-key"
+        if endpoint.api_key_secret:
+            key = self.environ.get(endpoint.api_key_secret, "")
+            if not key:
+                raise self._fail(run, Code.NOT_FOUND, f"llm: {endpoint.api_key_secret} is not set in the host's environment")
+        timeout = max(1.0, min(float(endpoint.timeout), run.remaining()))
+        return openai.OpenAI(base_url=endpoint.base_url, api_key=key, max_retries=0, timeout=timeout)
+
+    def _count(self, run: RunContext) -> _RunLlm:
+        state: _RunLlm = run.state.setdefault("llm", _RunLlm())
+        if state.calls >= MAX_CALLS:
+            raise HostError(Code.LIMIT, f"more than {MAX_CALLS} LLM calls in one run")
+        if run.remaining() <= 0:
+            raise HostError(Code.TIMEOUT, "the run's deadline has passed")
+        state.calls += 1
+        return state
+
+    def _openai_error(self, run: RunContext, exc: Exception, what: str) -> HostError:
+        import openai
+
+        if isinstance(exc, openai.APITimeoutError):
+            code = Code.TIMEOUT if run.remaining() <= 0 else Code.UPSTREAM
+            return self._fail(run, code, f"llm {what}: the endpoint timed out")
+        if isinstance(exc, openai.APIConnectionError):
+            return self._fail(run, Code.UPSTREAM, f"llm {what}: cannot reach the endpoint ({exc.__cause__ or exc})")
+        if isinstance(exc, openai.APIStatusError):
+            code = Code.INVALID if exc.status_code in (400, 404, 413, 422) else Code.UPSTREAM
+            return self._fail(run, code, f"llm {what}: the endpoint answered {exc.status_code}: {exc.message}")
+        return self._fail(run, Code.UPSTREAM, f"llm {what}: {exc}")
+
+    # -- host functions -----------------------------------------------------------------------------
+
+    def llm_info(self, call: Call, out: int) -> int:
+        """What the flow's LLM endpoints are, so a guest can size prompts to the model's context."""
+        llm = getattr(call.run.flow, "llm", None)
+        info: dict[str, Any] = {}
+        for kind in ("chat", "embeddings"):
+            endpoint = getattr(llm, kind, None) if llm is not None else None
+            if endpoint is None:
+                info[kind] = None
+                continue
+            context = None
+            if endpoint.base_url is None and endpoint.model in self.models:
+                opts = self.models[endpoint.model].options
+                context = opts.get("ctx-size", opts.get("ctx_size"))
+            context = endpoint.options.get("context", context)
+            info[kind] = {"model": endpoint.model, "backend": "openai" if endpoint.base_url else "local",
+                          "context": int(context) if context else None}
+        return write_result(call, out, json.dumps(info).encode())
+
+    def llm_chat(self, call: Call, req_ptr: int, req_len: int, out: int) -> int:
+        run = call.run
+        if (req_len & 0xFFFFFFFF) > MAX_MESSAGES_BYTES:
+            raise HostError(Code.TOO_LARGE, "chat request over 4 MiB")
+        spec = read_json(call.memory, req_ptr, req_len)
+        endpoint = self._endpoint(run, "chat")
+        messages = spec.get("messages") if isinstance(spec, dict) else None
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise HostError(Code.INVALID, 'expected {"messages": [{"role": "user", "content": "..."}]}')
+        params: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS, **endpoint.options}
+        params.pop("context", None)
+        for key in ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                    "json_schema"):
+            if key in spec:
+                params[key] = spec[key]
+        want_json = spec.get("response_format") == "json"
+        state = self._count(run)
+        started = time.monotonic()
+        if endpoint.base_url:
+            result = self._remote_chat(run, endpoint, messages, params, want_json)
+        else:
+            result = self._local_chat(run, endpoint, messages, params, want_json)
+        elapsed = time.monotonic() - started
+        state.seconds += elapsed
+        state.prompt_tokens += result["usage"].get("prompt_tokens") or 0
+        state.completion_tokens += result["usage"].get("completion_tokens") or 0
+        result["ms"] = round(elapsed * 1000, 1)
+        return write_result(call, out, json.dumps(result).encode())
+
+    def _remote_chat(self, run: RunContext, endpoint: Any, messages: list[dict[str, Any]], params: dict[str, Any],
+                     want_json: bool) -> dict[str, Any]:
+        client = self._client(run, endpoint)
+        extra: dict[str, Any] = {"response_format": {"type": "json_object"}} if want_json else {}
+        params = {k: v for k, v in params.items() if k != "json_schema"}  # not every endpoint takes schemas
+        try:
+            resp = client.chat.completions.create(model=endpoint.model, messages=messages, **params, **extra)
+        except Exception as exc:
+            raise self._openai_error(run, exc, "chat") from None
+        if not resp.choices:
+            raise self._fail(run, Code.UPSTREAM, "llm chat: the endpoint returned no choices")
+        choice = resp.choices[0]
+        usage = resp.usage
+        return {"content": choice.message.content or "", "model": resp.model or endpoint.model,
+                "finish_reason": choice.finish_reason, "backend": "openai",
+                "usage": {"prompt_tokens": getattr(usage, "prompt_tokens", None),
+                          "completion_tokens": getattr(usage, "completion_tokens", None)}}
+
+    def _local_model(self, run: RunContext, endpoint: Any) -> Any:
+        if endpoint.model not in run.flow.allow.models:
+            raise run.deny(f"llm: model {endpoint.model!r} is not in the flow's allow.models")
+        if self.registry is None:
+            raise self._fail(run, Code.INTERNAL, "llm: local models need the WASI-NN back end, which is not loaded")
+        try:
+            return self.registry.model(endpoint.model)
+        except Exception as exc:
+            raise self._fail(run, Code.NOT_FOUND, f"llm: local model {endpoint.model!r}: {exc}") from None
+
+    def _local_chat(self, run: RunContext, endpoint: Any, messages: list[dict[str, Any]], params: dict[str, Any],
+                    want_json: bool) -> dict[str, Any]:
+        model = self._local_model(run, endpoint)
+        if getattr(model, "backend", "") != "ggml":
+            raise self._fail(run, Code.INVALID, f"llm: model {endpoint.model!r} is not a GGUF chat model")
+        pool = model.pool()
+        try:
+            llama = pool.acquire(max(0.1, run.remaining()))
+        except Exception as exc:
+            raise self._fail(run, Code.TIMEOUT if run.remaining() <= 0 else Code.UPSTREAM,
+                             f"llm: no free context for {endpoint.model!r}: {exc}") from None
+        try:
+            kwargs = {k: v for k, v in params.items() if k in ("max_tokens", "temperature", "top_p", "stop", "seed",
+                                                              "presence_penalty", "frequency_penalty", "top_k",
+                                                              "repeat_penalty", "min_p")}
+            kwargs.setdefault("repeat_penalty", 1.15)  # small local models loop without it
+            if want_json:
+                # A schema becomes a llama.cpp grammar: even a small model then answers in the asked shape.
+                schema = params.get("json_schema")
+                kwargs["response_format"] = {"type": "json_object", **({"schema": schema} if isinstance(schema, dict) else {})}
+            n_ctx = llama.n_ctx()
+            prompt_tokens = _approx_tokens(messages)
+            if prompt_tokens >= n_ctx:
+                raise self._fail(run, Code.TOO_LARGE, f"llm: prompt of about {prompt_tokens} tokens does not fit "
+                                                      f"the model's context of {n_ctx}")
+            kwargs["max_tokens"] = max(16, min(int(kwargs.get("max_tokens", DEFAULT_MAX_TOKENS)), n_ctx - prompt_tokens))
+            llama.reset()
+            handler = _chat_handler(llama, endpoint.options.get("chat_format"))
+            # Streamed, so generation stops at the run's deadline or the endpoint's timeout: a host call
+            # cannot be interrupted by the engine's epoch deadline, the loop here is what bounds it.
+            stop_at = min(run.deadline, time.monotonic() + float(endpoint.timeout))
+            chunks = (llama.create_chat_completion(messages=messages, stream=True, **kwargs) if handler is None
+                      else handler(llama=llama, messages=messages, stream=True, **kwargs))
+            parts: list[str] = []
+            finish: Optional[str] = None
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    parts.append(piece)
+                finish = choice.get("finish_reason") or finish
+                if time.monotonic() >= stop_at:
+                    finish = "time"
+                    break
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # ends llama-cpp-python's generator, and with it the generation
+            if finish == "time" and run.remaining() <= 0:
+                raise self._fail(run, Code.TIMEOUT, "llm: the run's deadline passed during generation")
+        except HostError:
+            raise
+        except ValueError as exc:  # llama-cpp-python: "Requested tokens (...) exceed context window"
+            raise self._fail(run, Code.TOO_LARGE, f"llm: {exc}") from None
+        except Exception as exc:
+            raise self._fail(run, Code.INTERNAL, f"llm: local generation failed: {exc}") from None
+        finally:
+            pool.release(llama)
+        return {"content": "".join(parts), "model": endpoint.model, "finish_reason": finish, "backend": "local",
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(parts)}}
+
+    def llm_embed(self, call: Call, req_ptr: int, req_len: int, out: int) -> int:
+        run = call.run
+        if (req_len & 0xFFFFFFFF) > MAX_MESSAGES_BYTES:
+            raise HostError(Code.TOO_LARGE, "embedding request over 4 MiB")
+        spec = read_json(call.memory, req_ptr, req_len)
+        endpoint = self._endpoint(run, "embeddings")
+        inputs = spec.get("input") if isinstance(spec, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            raise HostError(Code.INVALID, 'expected {"input": "text"} or {"input": ["text", ...]}')
+        if len(inputs) > MAX_INPUTS:
+            raise HostError(Code.LIMIT, f"more than {MAX_INPUTS} inputs in one call")
+        state = self._count(run)
+        started = time.monotonic()
+        if endpoint.base_url:
+            client = self._client(run, endpoint)
+            try:
+                resp = client.embeddings.create(model=endpoint.model, input=inputs)
+            except Exception as exc:
+                raise self._openai_error(run, exc, "embeddings") from None
+            vectors = [list(d.embedding) for d in sorted(resp.data, key=lambda d: d.index)]
+        else:
+            model = self._local_model(run, endpoint)
+            if getattr(model, "backend", "") != "ggml":
+                raise self._fail(run, Code.INVALID, f"llm: model {endpoint.model!r} is not a GGUF embedding model")
+            pool = model.pool()
+            llama = pool.acquire(max(0.1, run.remaining()))
+            try:
+                vectors = [list(map(float, _mean(llama.embed(text)))) for text in inputs]
+            except Exception as exc:
+                raise self._fail(run, Code.INTERNAL, f"llm: local embedding failed: {exc}") from None
+            finally:
+                pool.release(llama)
+        state.seconds += time.monotonic() - started
+        result = {"embeddings": vectors, "model": endpoint.model, "dims": len(vectors[0]) if vectors else 0}
+        return write_result(call, out, json.dumps(result).encode())
+
+
+# Chat formats of llama-cpp-python for GGUF files that carry no chat template, by architecture.
+_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama-2", "mistral": "mistral-instruct",
+            "qwen2": "chatml", "qwen3": "chatml", "phi3": "chatml"}
+
+
+def _chat_handler(llama: Any, chat_format: Optional[str]) -> Any:
+    """The chat handler to use: the flow's `chat_format` option; else the GGUF's own template (None:
+    llama-cpp-python applies it); else the format of the model's architecture, because llama-cpp-python
+    would otherwise fall back to Llama 2's format, which other families do not understand."""
+    from llama_cpp import llama_chat_format
+
+    if chat_format:
+        return llama_chat_format.get_chat_completion_handler(chat_format)
+    metadata = getattr(llama, "metadata", {}) or {}
+    if metadata.get("tokenizer.chat_template"):
+        return None
+    arch = str(metadata.get("general.architecture", ""))
+    return llama_chat_format.get_chat_completion_handler(_FORMATS.get(arch, "chatml"))
+
+
+def _approx_tokens(messages: list[dict[str, Any]]) -> int:
+    """A cheap upper-ish estimate (4 characters a token, plus template overhead) to refuse hopeless prompts."""
+    return sum(len(m["content"]) // 4 + 8 for m in messages)
+
+
+def _mean(vectors: Any) -> list[float]:
+    """llama.embed returns one vector, or one per token for models without pooling: average those."""
+    if vectors and isinstance(vectors[0], list):
+        n = len(vectors)
+        return [sum(col) / n for col in zip(*vectors)]
+    return list(vectors)
