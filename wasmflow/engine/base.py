@@ -34,6 +34,17 @@ class ModuleError(Exception):
     """A module that cannot run: missing file, not WebAssembly, a missing import. Names the flow."""
 
 
+def read_module(path: Path, flow_name: str) -> bytes:
+    """The module's bytes, or a ModuleError naming the flow: the first check every engine makes."""
+    try:
+        wasm = Path(path).read_bytes()
+    except OSError as exc:
+        raise ModuleError(f"flow {flow_name!r}: cannot read module {path}: {exc.strerror or exc}") from None
+    if not wasm.startswith(b"\0asm"):
+        raise ModuleError(f"flow {flow_name!r}: {path} is not a WebAssembly module (no \\0asm header)")
+    return wasm
+
+
 @dataclass
 class RunResult:
     status: Status

@@ -62,7 +62,7 @@ from wasmflow.host_functions.config import wasi_env
 from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range
 
 from . import wasmedge_capi as capi
-from .base import ModuleError, RunRequest, RunResult, Status
+from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
 from .outcome import CappedBuffer, classify_failure
 from .wasmedge_capi import WASM_PAGE, WasmEdgeUnavailable
@@ -452,12 +452,7 @@ class WasmEdgeEngine:
 
     def load(self, path: Path, flow_name: str) -> WasmEdgeModule:
         path = Path(path)
-        try:
-            wasm = path.read_bytes()
-        except OSError as exc:
-            raise ModuleError(f"flow {flow_name!r}: cannot read module {path}: {exc.strerror or exc}") from None
-        if not wasm.startswith(b"\0asm"):
-            raise ModuleError(f"flow {flow_name!r}: {path} is not a WebAssembly module (no \\0asm header)")
+        wasm = read_module(path, flow_name)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the WasmEdge engine is closed")

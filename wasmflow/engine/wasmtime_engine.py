@@ -27,7 +27,7 @@ from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
 from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range
 
-from .base import ModuleError, RunRequest, RunResult, Status
+from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
 from .outcome import CappedBuffer, classify_failure
 
@@ -133,12 +133,7 @@ class WasmtimeEngine:
 
     def load(self, path: Path, flow_name: str) -> WasmtimeModule:
         path = Path(path)
-        try:
-            wasm = path.read_bytes()
-        except OSError as exc:
-            raise ModuleError(f"flow {flow_name!r}: cannot read module {path}: {exc.strerror or exc}") from None
-        if not wasm.startswith(b"\0asm"):
-            raise ModuleError(f"flow {flow_name!r}: {path} is not a WebAssembly module (no \\0asm header)")
+        wasm = read_module(path, flow_name)
 
         def compile_() -> bytes:
             try:
