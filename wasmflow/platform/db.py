@@ -46,7 +46,7 @@ events_table = sa.Table(
     sa.Column("headers", sa.Text, nullable=False, default="{}"),  # JSON object, lower-case names
     sa.Column("body", sa.LargeBinary, nullable=False, default=b""),
     sa.Column("received_at", sa.Float, nullable=False, index=True),
-    sa.Column("status", sa.String(16), nullable=False),  # queued | ignored | skipped
+    sa.Column("status", sa.String(16), nullable=False),  # accepted | ignored | skipped
     sa.Column("runs_created", sa.Integer, nullable=False, default=0),
     sa.Column("note", sa.Text),
 )

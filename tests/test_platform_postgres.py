@@ -1,0 +1,164 @@
+"""Two `wasmflow worker` processes sharing one PostgreSQL store: no run executed twice while leases hold,
+one cron tick gives one run, and one scheduler is active at a time (another takes over when it dies)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import sqlalchemy as sa
+
+from wasmflow.platform.db import open_database
+from wasmflow.platform.store import NewEvent, NewRun, record_event
+
+from platform_support import free_port, pg_url, wait_until, write_wat  # noqa: F401  (pg_url is a fixture)
+
+RUNS = 300
+
+# About 10 ms of work per run, so a batch lasts long enough for both workers' claim loops to see it.
+BUSY_WAT = """(module (memory (export "memory") 1)
+ (func (export "_start") (local $i i32)
+  (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1)))
+           (br_if $l (i32.lt_u (local.get $i) (i32.const 20000000))))))"""
+
+FLOWS = """
+flows:
+  - name: busy
+    module: {busy}
+    on: [{{github: {{events: [push]}}}}]
+  - name: hello
+    module: {hello}
+    allow: {{kv: true}}
+    on: [{{github: {{events: ["*"]}}}}]
+  - name: every-second
+    module: {hello}
+    allow: {{kv: true}}
+    on: [{{schedule: {{cron: "* * * * * *", overlap: allow}}}}]
+"""
+
+
+def start_worker(directory: Path, url: str, name: str, metrics_port: int | None = None) -> subprocess.Popen:
+    env = {**os.environ}
+    env.pop("WASMFLOW_DATABASE_URL", None)
+    log = open(directory / f"{name}.log", "wb")
+    extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
+    return subprocess.Popen(
+        [sys.executable, "-m", "wasmflow.cli", "worker", "--flows", str(directory / "flows.yaml"),
+         "--database-url", url, "--workers", "3", "--lease", "10", "--log-level", "info", *extra],
+        stdout=log, stderr=log, env=env, cwd=directory)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_workers_share_the_queue_and_elect_one_scheduler(tmp_path, guest_wasm, pg_url):
+    busy = write_wat(tmp_path / "busy.wasm", BUSY_WAT)
+    (tmp_path / "flows.yaml").write_text(FLOWS.format(hello=guest_wasm["hello"], busy=busy))
+    db = open_database(pg_url)
+    metrics_port = free_port()
+    workers = {"a": start_worker(tmp_path, pg_url, "a", metrics_port), "b": start_worker(tmp_path, pg_url, "b")}
+    try:
+        for name in workers:  # both ready before any work arrives, so both can take part
+            wait_until(lambda name=name: " started (" in (tmp_path / f"{name}.log").read_text(), timeout=60, interval=0.1)
+        with db.begin() as conn:
+            for i in range(RUNS):
+                record_event(conn, NewEvent(
+                    source="github", name="push", headers={}, body=b"{}", status="accepted",
+                    delivery_id=f"d{i}", dedupe_key=f"github:d{i}",
+                    runs=[NewRun(flow="busy", trigger="github", max_attempts=3, idempotency_key=f"d{i}")]))
+
+        def count(sql: str) -> int:
+            with db.connect() as conn:
+                return conn.execute(sa.text(sql)).scalar()
+
+        wait_until(lambda: count("SELECT count(*) FROM runs WHERE flow = 'busy' AND state = 'done'") == RUNS,
+                   timeout=120, interval=0.2)
+        # every run claimed exactly once, by one of the two processes, and both took part
+        with db.connect() as conn:
+            per_run = conn.execute(sa.text(
+                "SELECT r.id, count(a.id), min(a.worker), max(a.status) FROM runs r JOIN attempts a ON a.run_id = r.id "
+                "WHERE r.flow = 'busy' GROUP BY r.id")).all()
+        assert len(per_run) == RUNS
+        assert all(n == 1 and status == "ok" for _, n, _, status in per_run)
+        pids = {worker.split(":")[1] for _, _, worker, _ in per_run}
+        assert pids == {str(p.pid) for p in workers.values()}
+        by_a = sum(1 for _, _, worker, _ in per_run if worker.split(":")[1] == str(workers["a"].pid))
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert f'wasmflow_runs_total{{flow="busy",status="ok"}} {float(by_a)}' in metrics
+
+        # the schedule: a run per tick, never two, and exactly one scheduler active
+        wait_until(lambda: count("SELECT count(*) FROM runs WHERE flow = 'every-second' AND state = 'done'") >= 3,
+                   timeout=30, interval=0.2)
+        logs = {name: (tmp_path / f"{name}.log").read_text() for name in workers}
+        leaders = [name for name, text in logs.items() if "scheduler active" in text]
+        assert len(leaders) == 1, logs
+
+        # the leader dies without a goodbye: the other takes over the schedule within seconds
+        leader = workers[leaders[0]]
+        leader.send_signal(signal.SIGKILL)
+        leader.wait(timeout=10)
+        follower = next(name for name in workers if name != leaders[0])
+        wait_until(lambda: "scheduler active" in (tmp_path / f"{follower}.log").read_text(), timeout=20, interval=0.2)
+        ticks_before = count("SELECT count(*) FROM events WHERE source = 'schedule'")
+        wait_until(lambda: count("SELECT count(*) FROM events WHERE source = 'schedule'") >= ticks_before + 2,
+                   timeout=20, interval=0.2)
+        stop(workers[follower])
+        with db.connect() as conn:
+            per_tick = conn.execute(sa.text(
+                "SELECT e.dedupe_key, count(r.id) FROM events e JOIN runs r ON r.event_id = e.id "
+                "WHERE e.source = 'schedule' GROUP BY e.dedupe_key")).all()
+            attempts_per_run = conn.execute(sa.text(
+                "SELECT max(n) FROM (SELECT count(*) AS n FROM attempts a JOIN runs r ON r.id = a.run_id "
+                "WHERE r.flow = 'every-second' AND r.lease_expiries = 0 GROUP BY a.run_id) t")).scalar()
+        assert len(per_tick) >= 5 and all(n == 1 for _, n in per_tick)
+        assert attempts_per_run == 1
+    finally:
+        for proc in workers.values():
+            stop(proc)
+        db.dispose()
+
+
+def test_a_worker_hears_of_new_runs_through_notify_not_its_poll(tmp_path, pg_url):
+    """Runs stored by another process wake the dispatcher at once (LISTEN/NOTIFY), long before its poll."""
+    from wasmflow.platform.metrics import Metrics
+    from wasmflow.platform.queue import Queue
+    from wasmflow.platform.store import BatchWriter
+    from wasmflow.platform.worker import Dispatcher
+
+    from platform_support import OK_WAT, make_runtime
+
+    flows = f"flows:\n  - name: ok\n    module: {write_wat(tmp_path / 'ok.wasm', OK_WAT)}\n"
+    runtime = make_runtime(tmp_path / "app", flows, database_url=pg_url)
+    dispatcher = Dispatcher(runtime, Queue(runtime.db, "listener-test"), Metrics(), concurrency=1, poll_interval=60)
+    dispatcher.start()
+    other_process = open_database(pg_url)  # its own engine: nothing shared with the dispatcher but the database
+    writer = BatchWriter(other_process)
+    try:
+        time.sleep(1.0)  # the dispatcher made its first (empty) claim and now sleeps for its 60 s poll
+        started = time.monotonic()
+        writer.submit(NewEvent(source="http", name="http", headers={}, body=b"", status="accepted",
+                               runs=[NewRun(flow="ok", trigger="http")])).result(timeout=10)
+
+        def done() -> bool:
+            with other_process.connect() as conn:
+                return conn.execute(sa.text("SELECT count(*) FROM runs WHERE state = 'done'")).scalar() == 1
+
+        wait_until(done, timeout=10, interval=0.05)
+        assert time.monotonic() - started < 5
+    finally:
+        writer.close()
+        dispatcher.stop(grace=5)
+        other_process.dispose()
+        runtime.close()

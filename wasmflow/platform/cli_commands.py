@@ -1,0 +1,318 @@
+"""Control-plane commands: `up`, `worker`, `runs`, `logs`, `events`, `replay`.
+
+The serving commands build a Runtime and a Platform; the reading commands only open the store named by
+flows.yaml (or --database-url), so they work while a server runs and never load a module or a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import sqlalchemy as sa
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# Tables are read in terminals and in CI logs alike: outside a terminal, do not squeeze them into 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False)
+
+STATE_STYLE = {"done": "green", "dead": "red", "queued": "cyan", "running": "yellow", "waiting": "dim"}
+STATUS_STYLE = {"ok": "green", "error": "red", "trap": "red", "timeout": "yellow", "oom": "magenta",
+                "denied": "red", "invalid": "red", "lost": "red", "upstream": "yellow"}
+
+
+def _flows_option(f):  # type: ignore[no-untyped-def]
+    return click.option("--flows", "flows_path", type=click.Path(path_type=Path), default=None,
+                        help="flows.yaml to use (default: $WASMFLOW_FLOWS or ./flows.yaml)")(f)
+
+
+def _db_option(f):  # type: ignore[no-untyped-def]
+    return click.option("--database-url", default=None, envvar="WASMFLOW_DATABASE_URL",
+                        help="postgresql://... (default: SQLite in the state directory of flows.yaml)")(f)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def _open_store(flows_path: Optional[Path], database_url: Optional[str]) -> sa.Engine:
+    """The database of flows.yaml's state directory (or --database-url), without building a Runtime."""
+    from wasmflow.cli import resolve_flows_path
+    from wasmflow.platform.db import default_url, open_database
+
+    if database_url:
+        return open_database(database_url)
+    from wasmflow.flows.loader import FlowsError, load_flows
+
+    path = resolve_flows_path(flows_path)
+    try:
+        loaded = load_flows(path)
+    except FlowsError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    return open_database(default_url(loaded.state_dir))
+
+
+def _when(ts: Optional[float]) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _platform_options(workers: int, lease: float, grace: float, max_body: int, **kw: Any):  # type: ignore[no-untyped-def]
+    from wasmflow.platform.app import Options
+
+    return Options(workers=workers, lease_seconds=lease, grace_seconds=grace, max_body=max_body, **kw)
+
+
+_serve_options = [
+    click.option("--workers", type=click.IntRange(0, 256), default=4, show_default=True,
+                 help="runs executed at once by this process (up on PostgreSQL: 0 = ingress and scheduler "
+                      "only, runs left to `wasmflow worker` processes)"),
+    click.option("--lease", type=float, default=30.0, show_default=True,
+                 help="seconds a claimed run stays leased without a heartbeat"),
+    click.option("--grace", type=float, default=30.0, show_default=True,
+                 help="on SIGTERM, seconds runs in flight may take before they are released"),
+    click.option("--engine", type=click.Choice(["wasmtime", "wasmedge"]), default=None,
+                 help="override the engine of flows.yaml"),
+    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                 show_default=True),
+    _db_option,
+    _flows_option,
+]
+
+
+def _apply(options):  # type: ignore[no-untyped-def]
+    def decorate(f):  # type: ignore[no-untyped-def]
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+@click.command("up")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--max-body", type=int, default=25 * 1024 * 1024, show_default=True,
+              help="largest request body accepted, in bytes (413 above)")
+@_apply(_serve_options)
+def up_command(host: str, port: int, max_body: int, workers: int, lease: float, grace: float,
+               engine: Optional[str], log_level: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
+    """Serve webhooks, HTTP triggers, schedules and workers in one process (SQLite by default)."""
+    from wasmflow.cli import load_runtime
+    from wasmflow.platform.app import Platform, PlatformError, default_route_hooks, serve
+
+    _setup_logging(log_level)
+    runtime = load_runtime(flows_path, engine, database_url)
+    if workers == 0 and runtime.db.dialect.name != "postgresql":
+        runtime.close()
+        err_console.print("[red]error:[/red] --workers 0 leaves runs to `wasmflow worker` processes, which need "
+                          "PostgreSQL (--database-url); on SQLite `wasmflow up` runs them itself")
+        sys.exit(2)
+    platform = Platform(runtime, _platform_options(workers, lease, grace, max_body, dispatch=workers > 0))
+    try:
+        platform.start()
+    except PlatformError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        runtime.close()
+        sys.exit(2)
+    try:
+        asyncio.run(serve(platform, host, port, extra_routes=default_route_hooks()))
+    except OSError as exc:  # port in use, address not available
+        platform.stop()
+        err_console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror or exc}")
+        sys.exit(2)
+    finally:
+        in_flight = platform.dispatcher.in_flight if platform.dispatcher else 0
+        if in_flight:  # guests still running after the grace period: their runs were released
+            logging.shutdown()
+            os._exit(0)
+        runtime.close()
+
+
+@click.command("worker")
+@_apply(_serve_options)
+@click.option("--no-scheduler", is_flag=True, help="never take part in the scheduler election")
+@click.option("--metrics-port", type=int, default=None,
+              help="serve /metrics and /healthz on this port (127.0.0.1 unless --metrics-host)")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+def worker_command(workers: int, lease: float, grace: float, engine: Optional[str], log_level: str,
+                   database_url: Optional[str], flows_path: Optional[Path], no_scheduler: bool,
+                   metrics_port: Optional[int], metrics_host: str) -> None:
+    """Execute queued runs (and run the scheduler if elected) from a shared PostgreSQL store."""
+    from wasmflow.cli import load_runtime
+    from wasmflow.platform.app import Platform, PlatformError, wait_for_signal
+
+    _setup_logging(log_level)
+    if workers == 0:
+        raise click.UsageError("a worker needs at least one run slot (--workers 1 or more)")
+    runtime = load_runtime(flows_path, engine, database_url)
+    if runtime.db.dialect.name != "postgresql":
+        runtime.close()
+        err_console.print("[red]error:[/red] `wasmflow worker` shares a PostgreSQL store "
+                          "(--database-url or WASMFLOW_DATABASE_URL); on SQLite `wasmflow up` runs the workers")
+        sys.exit(2)
+    platform = Platform(runtime, _platform_options(workers, lease, grace, 0, scheduler=not no_scheduler))
+    try:
+        platform.start()
+    except PlatformError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    logging.getLogger("wasmflow.worker").info("worker %s started (%d run slots)", platform.owner, workers)
+    if metrics_port is not None:
+        from wasmflow.platform.app import ops_app, serve
+
+        asyncio.run(serve(platform, metrics_host, metrics_port, app=ops_app(platform)))  # stops the platform
+    else:
+        wait_for_signal()
+        logging.getLogger("wasmflow.worker").info("shutting down: finishing runs in flight")
+        platform.stop()
+    if platform.dispatcher and platform.dispatcher.in_flight:
+        logging.shutdown()
+        os._exit(0)
+    runtime.close()
+
+
+@click.command("runs")
+@click.option("--flow", default=None, help="only this flow")
+@click.option("--status", default=None, help="queued, running, done, dead, waiting, or an outcome (ok, trap...)")
+@click.option("--limit", type=click.IntRange(1, 10000), default=30, show_default=True)
+@_db_option
+@_flows_option
+def runs_command(flow: Optional[str], status: Optional[str], limit: int, database_url: Optional[str],
+                 flows_path: Optional[Path]) -> None:
+    """List runs, newest first."""
+    from wasmflow.platform.store import list_runs
+
+    rows = list_runs(_open_store(flows_path, database_url), flow=flow, state=status, limit=limit)
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("run", "flow", "state", "status", "try", "event", "created", "ms", "error"):
+        table.add_column(column, overflow="fold", justify="right" if column in ("try", "ms") else "left")
+    for row in rows:
+        event = row.event_name + (f".{row.action}" if row.action else "")
+        if row.repo:
+            event += f" {row.repo}"
+        table.add_row(
+            row.id, row.flow, f"[{STATE_STYLE.get(row.state, 'default')}]{row.state}[/]",
+            f"[{STATUS_STYLE.get(row.status or '', 'default')}]{row.status or ''}[/]", str(row.attempt),
+            escape(event), _when(row.created_at), f"{row.duration_ms:.1f}" if row.duration_ms is not None else "",
+            escape((row.error or "").splitlines()[0][:80] if row.error else ""),
+        )
+    if rows:
+        console.print(table)
+    else:
+        console.print("no runs")
+
+
+@click.command("logs")
+@click.argument("run_id")
+@_db_option
+@_flows_option
+def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
+    """Show a run: its attempts, logs, stdout/stderr, output and error (RUN may be an id prefix)."""
+    from wasmflow.platform.store import decode_logs, get_attempts, get_event, get_run
+
+    db = _open_store(flows_path, database_url)
+    run = get_run(db, run_id)
+    if run is None:
+        err_console.print(f"[red]error:[/red] no run {escape(run_id)!s}")
+        sys.exit(1)
+    event = get_event(db, run.event_id)
+    head = f"run {run.id}  flow {run.flow}  [{STATE_STYLE.get(run.state, 'default')}]{run.state}[/]"
+    if run.status:
+        head += f" ({run.status})"
+    console.print(head)
+    if event is not None:
+        what = event.name + (f".{event.action}" if event.action else "") + (f" {event.repo}" if event.repo else "")
+        console.print(f"[dim]event {event.id} {escape(what)}"
+                      + (f" delivery {event.delivery_id}" if event.delivery_id else "") + "[/dim]")
+    if run.replay_of:
+        console.print(f"[dim]replay of {run.replay_of}[/dim]")
+    attempts = get_attempts(db, run.id)
+    if attempts:
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("try", "worker", "claimed", "status", "ms", "error"):
+            table.add_column(column, overflow="fold")
+        for a in attempts:
+            table.add_row(str(a.attempt), a.worker, _when(a.claimed_at), a.status or "running",
+                          f"{a.duration_ms:.1f}" if a.duration_ms is not None else "",
+                          escape((a.error or "")[:100]))
+        console.print(table)
+    for ts, level, message in decode_logs(run.logs):
+        stamp = datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
+        console.print(f"[dim]{stamp}[/dim] {level:5} {escape(message)}")
+    for name in ("stdout", "stderr"):
+        data = getattr(run, name)
+        if data:
+            console.print(f"[dim]--- {name} ---[/dim]")
+            console.print(bytes(data).decode("utf-8", "replace").rstrip("\n"), markup=False)
+    if run.output is not None:
+        console.print("[dim]--- output ---[/dim]")
+        text = bytes(run.output).decode("utf-8", "replace")
+        try:
+            text = json.dumps(json.loads(text), indent=2)
+        except ValueError:
+            pass
+        console.print(text, markup=False)
+    if run.error:
+        console.print(f"[red]{escape(run.error)}[/red]")
+
+
+@click.command("events")
+@click.option("--source", type=click.Choice(["github", "schedule", "http"]), default=None)
+@click.option("--limit", type=click.IntRange(1, 10000), default=30, show_default=True)
+@_db_option
+@_flows_option
+def events_command(source: Optional[str], limit: int, database_url: Optional[str], flows_path: Optional[Path]) -> None:
+    """List received events, newest first, with how many runs each started (or why none)."""
+    from wasmflow.platform.store import list_events
+
+    rows = list_events(_open_store(flows_path, database_url), source=source, limit=limit)
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("event", "source", "name", "repo", "delivery", "received", "status", "runs", "note"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.id, row.source, escape(row.name + (f".{row.action}" if row.action else "")),
+                      escape(row.repo or ""), escape(row.delivery_id or ""), _when(row.received_at),
+                      row.status, str(row.runs_created), escape(row.note or ""))
+    if rows:
+        console.print(table)
+    else:
+        console.print("no events")
+
+
+@click.command("replay")
+@click.argument("ref")
+@_db_option
+@_flows_option
+def replay_command(ref: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
+    """Run again a run (REF = run id) or every flow of a GitHub delivery (REF = X-GitHub-Delivery).
+
+    The new runs are queued; a running `wasmflow up` or worker executes them.
+    """
+    from wasmflow.platform.queue import ReplayError, replay
+
+    flows = None
+    try:
+        from wasmflow.cli import resolve_flows_path
+        from wasmflow.flows.loader import load_flows
+
+        flows = load_flows(resolve_flows_path(flows_path)).file
+    except Exception:  # replaying a run does not need flows.yaml; re-matching a delivery does
+        pass
+    try:
+        new_ids = replay(_open_store(flows_path, database_url), ref, flows)
+    except ReplayError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    for run_id in new_ids:
+        console.print(f"queued run {run_id}")
+

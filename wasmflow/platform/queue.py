@@ -1,0 +1,355 @@
+"""The durable run queue: claim with a lease, finish, retry with backoff, recover, replay.
+
+At-least-once, the way procrastinate, graphile-worker and Oban do it: a run is claimed by setting a lease
+(owner + expiry) in one UPDATE, `FOR UPDATE SKIP LOCKED` on PostgreSQL so concurrent workers never wait
+on or take the same row; on SQLite the UPDATE itself is atomic and the database has a single writer.
+Every state change checks the lease owner, so a worker whose lease was taken over cannot overwrite the
+run. A run whose worker died is taken again when its lease expires.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import sqlalchemy as sa
+
+from wasmflow.engine.base import RunResult
+from wasmflow.flows.model import FlowsFile, Retry
+from wasmflow.host_functions.spec import Event
+from wasmflow.platform.db import attempts_table, events_table, runs_table
+from wasmflow.platform.notify import notify_new_runs
+from wasmflow.platform.store import DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun, encode_logs, new_id, run_row
+
+# A run whose worker vanished this many times is dead: a guest that takes its host process down (an
+# out-of-memory kill, say) must not take down every worker in turn forever.
+MAX_LEASE_LOSSES = 3
+
+# Outcome status -> the name `retry.on` uses for it. `invalid` (a module that does not load) is a
+# configuration problem and never retried; `upstream` is what a host-side failure around the run is called.
+RETRY_REASONS = {"timeout": "timeout", "trap": "trap", "oom": "oom", "error": "error", "denied": "denied",
+                 "upstream": "upstream"}
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    id: str
+    flow: str
+    attempt: int
+    max_attempts: int
+    trigger: str
+    event: Event
+    event_id: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt's result on its way to the store; `status` overrides the result's (`upstream`)."""
+
+    run: ClaimedRun
+    result: RunResult
+    retry: Retry
+    status: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What `finish` did: the new queue state and, for a retry, when it will be tried again."""
+
+    state: str  # done | queued (a retry) | dead | lost (the lease was no longer ours)
+    delay: float = 0.0
+
+
+def backoff_delay(retry: Retry, attempt: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds before the next attempt after `attempt` failed: exponential (or fixed) with equal jitter.
+
+    Half the delay is fixed and half random, so retries of many runs that failed together (an upstream
+    outage) spread out instead of arriving together, while none comes back almost at once.
+    """
+    base = retry.initial if retry.backoff == "fixed" else retry.initial * (2 ** max(attempt - 1, 0))
+    base = min(base, retry.max)
+    return base / 2 + rng() * base / 2
+
+
+def is_retryable(status: str, retry: Retry) -> bool:
+    reason = RETRY_REASONS.get(status)
+    return reason is not None and reason in retry.on
+
+
+class Queue:
+    """One worker's handle on the queue; `owner` names it in leases and in the attempts table."""
+
+    def __init__(self, db: sa.Engine, owner: str, lease_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.postgres = db.dialect.name == "postgresql"
+
+    def _picked(self, *where: sa.ColumnElement[bool], order: sa.ColumnElement, limit: int) -> sa.ColumnElement[bool]:
+        """A condition selecting at most `limit` runs matching `where`, oldest first, for one UPDATE.
+
+        On PostgreSQL the ids come from a CTE with `FOR UPDATE SKIP LOCKED`: a CTE is evaluated once,
+        whereas `id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` may be rescanned by a nested-loop
+        plan and update far more than n rows. SQLite has one writer, so a plain subquery is exact there.
+        """
+        query = sa.select(runs_table.c.id).where(*where).order_by(order).limit(limit)
+        if self.postgres:
+            picked = query.with_for_update(skip_locked=True).cte("picked")
+            return runs_table.c.id == picked.c.id
+        return runs_table.c.id.in_(query.scalar_subquery())
+
+    def _relaxed_commit(self, conn: sa.Connection) -> None:
+        """PostgreSQL: do not wait for the WAL flush when committing a claim or a result.
+
+        Only a crash of the database server itself can lose such a commit, and losing one is safe in an
+        at-least-once queue: a lost claim leaves the run queued, a lost result leaves it running until its
+        lease expires, and either way it runs again. Events (what was acknowledged) keep full durability.
+        """
+        if self.postgres:
+            conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+
+    def claim(self, limit: int) -> list[ClaimedRun]:
+        """Take up to `limit` due runs: lease them, count the attempt, and return them with their event."""
+        if limit <= 0:
+            return []
+        now = self.clock()
+        r = runs_table
+        picked = self._picked(r.c.state == QUEUED, r.c.available_at <= now, order=r.c.available_at, limit=limit)
+        with self.db.begin() as conn:
+            self._relaxed_commit(conn)
+            rows = conn.execute(
+                r.update()
+                .where(picked, r.c.state == QUEUED)
+                .values(state=RUNNING, attempt=r.c.attempt + 1, lease_owner=self.owner,
+                        lease_expires_at=now + self.lease_seconds, started_at=now, finished_at=None)
+                .returning(r.c.id, r.c.event_id, r.c.flow, r.c.attempt, r.c.max_attempts, r.c.trigger,
+                           r.c.idempotency_key)
+            ).all()
+            if not rows:
+                return []
+            conn.execute(attempts_table.insert(), [
+                dict(run_id=row.id, attempt=row.attempt, worker=self.owner, claimed_at=now) for row in rows
+            ])
+            e = events_table
+            events = {ev.id: ev for ev in conn.execute(
+                sa.select(e.c.id, e.c.name, e.c.headers, e.c.body, e.c.source)
+                .where(e.c.id.in_({row.event_id for row in rows}))
+            ).all()}
+        claimed = []
+        for row in rows:
+            ev = events[row.event_id]
+            claimed.append(ClaimedRun(
+                id=row.id, flow=row.flow, attempt=row.attempt, max_attempts=row.max_attempts,
+                trigger=row.trigger, event_id=row.event_id,
+                event=Event(name=ev.name, body=bytes(ev.body), headers=json.loads(ev.headers),
+                            idempotency_key=row.idempotency_key or row.id, trigger=row.trigger),
+            ))
+        return claimed
+
+    def heartbeat(self, run_ids: list[str]) -> set[str]:
+        """Extend the leases of runs still executing here; returns the ids whose lease is still ours."""
+        if not run_ids:
+            return set()
+        now = self.clock()
+        r = runs_table
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                r.update()
+                .where(r.c.id.in_(run_ids), r.c.lease_owner == self.owner, r.c.state == RUNNING)
+                .values(lease_expires_at=now + self.lease_seconds)
+                .returning(r.c.id)
+            ).all()
+        return {row.id for row in rows}
+
+    def finish(self, run: ClaimedRun, result: RunResult, retry: Retry, status: Optional[str] = None) -> Finish:
+        """Record an attempt's result: done, queued again after a backoff, or dead when out of attempts.
+
+        `status` overrides the result's (a host-side failure around the run is `upstream`).
+        """
+        return self.finish_many([Outcome(run, result, retry, status)])[0]
+
+    def finish_many(self, outcomes: list["Outcome"]) -> list[Finish]:
+        """`finish` for several runs in one transaction, one multi-row UPDATE per table.
+
+        The runs whose lease is still ours are read first (locked on PostgreSQL); only they are updated,
+        and the others are reported `lost`, their late result kept only in the attempts table.
+        """
+        if not outcomes:
+            return []
+        now = self.clock()
+        r, a = runs_table, attempts_table
+        decided: list[Finish] = []
+        run_params: list[dict[str, Any]] = []
+        attempt_params: list[dict[str, Any]] = []
+        with self.db.begin() as conn:
+            self._relaxed_commit(conn)
+            owned_query = sa.select(r.c.id).where(
+                r.c.id.in_([o.run.id for o in outcomes]), r.c.lease_owner == self.owner, r.c.state == RUNNING)
+            if self.postgres:
+                owned_query = owned_query.with_for_update()
+            owned = set(conn.execute(owned_query).scalars())
+            for o in outcomes:
+                status = o.status or str(o.result.status)
+                delay = 0.0
+                if status == "ok":
+                    state = DONE
+                elif is_retryable(status, o.retry) and o.run.attempt < o.retry.attempts:
+                    state = QUEUED
+                    delay = backoff_delay(o.retry, o.run.attempt)
+                else:
+                    state = DEAD
+                duration_ms = o.result.instantiate_ms + o.result.run_ms
+                mine = o.run.id in owned
+                if mine:
+                    run_params.append(dict(
+                        b_id=o.run.id, b_state=state, b_status=status, b_duration=duration_ms,
+                        b_logs=encode_logs(o.result.logs), b_output=o.result.output,
+                        b_stdout=o.result.stdout or None, b_stderr=o.result.stderr or None,
+                        b_error=o.result.error, b_available=now + delay))
+                attempt_params.append(dict(
+                    b_run=o.run.id, b_attempt=o.run.attempt, b_status=status if mine else f"{status} (lease lost)",
+                    b_error=o.result.error, b_duration=duration_ms))
+                decided.append(Finish(state=state, delay=delay) if mine else Finish(state="lost"))
+            if run_params:
+                conn.execute(
+                    r.update()
+                    .where(r.c.id == sa.bindparam("b_id"), r.c.lease_owner == self.owner, r.c.state == RUNNING)
+                    .values(state=sa.bindparam("b_state"), status=sa.bindparam("b_status"), finished_at=now,
+                            duration_ms=sa.bindparam("b_duration"), logs=sa.bindparam("b_logs"),
+                            output=sa.bindparam("b_output"), stdout=sa.bindparam("b_stdout"),
+                            stderr=sa.bindparam("b_stderr"), error=sa.bindparam("b_error"), lease_owner=None,
+                            lease_expires_at=None, available_at=sa.bindparam("b_available")),
+                    run_params)
+            conn.execute(
+                a.update()
+                .where(a.c.run_id == sa.bindparam("b_run"), a.c.attempt == sa.bindparam("b_attempt"),
+                       a.c.worker == self.owner)
+                .values(finished_at=now, status=sa.bindparam("b_status"), error=sa.bindparam("b_error"),
+                        duration_ms=sa.bindparam("b_duration")),
+                attempt_params)
+        return decided
+
+    def release(self, run_ids: list[str]) -> int:
+        """Give runs back unfinished (graceful shutdown): queued again now, the attempt not counted."""
+        if not run_ids:
+            return 0
+        now = self.clock()
+        r = runs_table
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                r.update()
+                .where(r.c.id.in_(run_ids), r.c.lease_owner == self.owner, r.c.state == RUNNING)
+                .values(state=QUEUED, attempt=r.c.attempt - 1, lease_owner=None, lease_expires_at=None,
+                        available_at=now)
+                .returning(r.c.id)
+            ).all()
+            if rows:
+                conn.execute(
+                    attempts_table.update()
+                    .where(attempts_table.c.run_id.in_([row.id for row in rows]),
+                           attempts_table.c.worker == self.owner, attempts_table.c.finished_at.is_(None))
+                    .values(finished_at=now, status="released")
+                )
+        return len(rows)
+
+    def recover_expired(self, orphans: bool = False, limit: int = 1000) -> int:
+        """Queue again the runs whose worker stopped renewing its lease; returns how many.
+
+        With `orphans` every running run not leased by this owner is recovered at once, lease or not:
+        for a process that holds the store alone (SQLite under `wasmflow up`'s lock), any other lease
+        belongs to a process that is gone. HTTP-triggered runs are not retried (their caller is gone
+        too) and a run lost MAX_LEASE_LOSSES times is dead.
+        """
+        now = self.clock()
+        r = runs_table
+        cond = [r.c.state == RUNNING]
+        if orphans:
+            cond.append(sa.or_(r.c.lease_owner.is_(None), r.c.lease_owner != self.owner))
+        else:
+            cond.append(r.c.lease_expires_at < now)
+        picked = self._picked(*cond, order=r.c.lease_expires_at, limit=limit)
+        give_up = sa.or_(r.c.trigger == "http", r.c.lease_expiries + 1 >= MAX_LEASE_LOSSES)
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                r.update()
+                .where(picked, *cond)
+                .values(
+                    state=sa.case((give_up, DEAD), else_=QUEUED),
+                    status=sa.case((give_up, "lost"), else_=r.c.status),
+                    error=sa.case((give_up, "the worker running it stopped before it finished"), else_=r.c.error),
+                    finished_at=sa.case((give_up, now), else_=None),
+                    lease_expiries=r.c.lease_expiries + 1, lease_owner=None, lease_expires_at=None,
+                    available_at=now,
+                )
+                .returning(r.c.id)
+            ).all()
+            if rows:
+                conn.execute(
+                    attempts_table.update()
+                    .where(attempts_table.c.run_id.in_([row.id for row in rows]),
+                           attempts_table.c.finished_at.is_(None))
+                    .values(finished_at=now, status="lost")
+                )
+        return len(rows)
+
+
+class ReplayError(Exception):
+    """Nothing to replay, or the run is still queued or running; the message says which."""
+
+
+def replay(db: sa.Engine, ref: str, flows: Optional[FlowsFile] = None) -> list[str]:
+    """Run again a run (by id or unique prefix) or every flow a delivery ran; returns the new run ids.
+
+    A replay is a new run of the same event and flow (`seq` + 1, `replay_of` the old run), with fresh
+    attempts, so the history of the original stays as it was. A delivery that started no run (it came
+    before its flow existed) is matched again against `flows` when given.
+    """
+    from wasmflow.platform.matching import GithubEventInfo, match_github
+    from wasmflow.platform.store import find_event_by_delivery, get_run
+
+    r, e = runs_table, events_table
+    run = get_run(db, ref)
+    if run is not None:
+        targets = [(run.event_id, run.flow, run.id, run.trigger, run.idempotency_key, run.max_attempts)]
+        busy = [run] if run.state in (QUEUED, RUNNING, WAITING) else []
+    else:
+        event = find_event_by_delivery(db, ref)
+        if event is None:
+            raise ReplayError(f"no run or delivery {ref!r}")
+        with db.connect() as conn:
+            rows = conn.execute(
+                sa.select(r).where(r.c.event_id == event.id).order_by(r.c.flow, r.c.seq.desc())
+            ).all()
+        latest: dict[str, sa.Row] = {}
+        for row in rows:
+            latest.setdefault(row.flow, row)
+        busy = [row for row in latest.values() if row.state in (QUEUED, RUNNING, WAITING)]
+        targets = [(row.event_id, row.flow, row.id, row.trigger, row.idempotency_key, row.max_attempts)
+                   for row in latest.values()]
+        if not targets and flows is not None and event.source == "github":
+            info = GithubEventInfo(name=event.name, action=event.action, repo=event.repo)
+            targets = [(event.id, name, None, "github", event.delivery_id, flows.flow(name).retry.attempts)
+                       for name in match_github(flows, info)]
+        if not targets:
+            raise ReplayError(f"delivery {ref!r} matches no flow")
+    if busy:
+        raise ReplayError(f"run {busy[0].id} of flow {busy[0].flow} is still {busy[0].state}; wait for it to finish")
+    new_ids = []
+    now = time.time()
+    with db.begin() as conn:
+        for event_id, flow, old_id, trigger, key, attempts in targets:
+            seq = conn.execute(
+                sa.select(sa.func.max(r.c.seq)).where(r.c.event_id == event_id, r.c.flow == flow)
+            ).scalar()
+            run_new = NewRun(flow=flow, trigger=trigger, max_attempts=attempts, idempotency_key=key,
+                             seq=(seq + 1) if seq is not None else 0, replay_of=old_id, id=new_id())
+            conn.execute(r.insert().values(**run_row(run_new, event_id, now)))
+            conn.execute(e.update().where(e.c.id == event_id, e.c.status == "ignored").values(status="accepted"))
+            new_ids.append(run_new.id)
+        notify_new_runs(conn)
+    return new_ids

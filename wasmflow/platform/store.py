@@ -1,0 +1,376 @@
+"""Events and runs in the database: writing what arrived, reading what happened.
+
+Ingress, the scheduler and replays all create work the same way, as one event row and its run rows in one
+transaction, so a crash never leaves an acknowledged event without its runs. `BatchWriter` groups the
+inserts of concurrent requests into one transaction: the ack waits for a commit, and a commit per batch
+instead of per request is what keeps the ack fast on PostgreSQL (one WAL flush for many deliveries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue as queue_mod
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import sqlalchemy as sa
+
+from wasmflow.platform.db import attempts_table, events_table, runs_table
+from wasmflow.platform.notify import notify_new_runs
+
+log = logging.getLogger("wasmflow.store")
+
+# Queue states of a run; `status` (ok, trap, timeout, ...) is the outcome of its latest attempt.
+# WAITING: a schedule tick under `overlap: queue` held back until the flow's previous run is over.
+QUEUED, RUNNING, DONE, DEAD, WAITING = "queued", "running", "done", "dead", "waiting"
+
+
+_ids = random.Random(os.urandom(32))
+
+
+def new_id() -> str:
+    """16 hex digits, random. Not uuid4: it reads the kernel's random source on every call, a system call
+    that costs as much as the rest of an acknowledgement in a sandbox; one seed per process is enough
+    for ids that only need to be unique (a collision is an IntegrityError, never a silent merge)."""
+    return f"{_ids.getrandbits(64):016x}"
+
+
+@dataclass
+class NewRun:
+    flow: str
+    trigger: str
+    max_attempts: int = 1
+    idempotency_key: Optional[str] = None
+    id: str = field(default_factory=new_id)
+    state: str = QUEUED
+    lease_owner: Optional[str] = None  # set with state RUNNING for runs executed in place (HTTP)
+    lease_expires_at: Optional[float] = None
+    seq: int = 0
+    replay_of: Optional[str] = None
+
+
+@dataclass
+class NewEvent:
+    source: str
+    name: str
+    headers: dict[str, str]
+    body: bytes
+    status: str  # accepted | ignored | skipped
+    runs: list[NewRun] = field(default_factory=list)
+    action: Optional[str] = None
+    repo: Optional[str] = None
+    dedupe_key: Optional[str] = None
+    delivery_id: Optional[str] = None
+    note: Optional[str] = None
+    id: str = field(default_factory=new_id)
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What happened to a NewEvent: stored (with its runs) or a duplicate of `event_id`."""
+
+    event_id: str
+    duplicate: bool
+    run_ids: tuple[str, ...] = ()
+
+
+def insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True when the row went in. Both dialects have it natively."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    # RETURNING rather than rowcount: psycopg reports -1 for some INSERT forms.
+    key = list(table.primary_key.columns)[0]
+    return conn.execute(insert(table).values(**values).on_conflict_do_nothing().returning(key)).first() is not None
+
+
+def run_row(run: NewRun, event_id: str, now: float) -> dict[str, Any]:
+    return dict(
+        id=run.id, event_id=event_id, flow=run.flow, seq=run.seq, trigger=run.trigger,
+        idempotency_key=run.idempotency_key, state=run.state, attempt=1 if run.state == RUNNING else 0,
+        max_attempts=run.max_attempts, created_at=now, available_at=now,
+        started_at=now if run.state == RUNNING else None, lease_owner=run.lease_owner,
+        lease_expires_at=run.lease_expires_at, lease_expiries=0, replay_of=run.replay_of,
+    )
+
+
+def event_row(event: NewEvent) -> dict[str, Any]:
+    return dict(
+        id=event.id, source=event.source, name=event.name, action=event.action, repo=event.repo,
+        dedupe_key=event.dedupe_key, delivery_id=event.delivery_id, headers=json.dumps(event.headers),
+        body=event.body, received_at=event.received_at, status=event.status,
+        runs_created=len(event.runs), note=event.note,
+    )
+
+
+def _insert_runs(conn: sa.Connection, events: list[NewEvent]) -> None:
+    now = time.time()
+    rows = [run_row(r, e.id, now) for e in events for r in e.runs]
+    if rows:
+        conn.execute(runs_table.insert(), rows)
+    claimed = [dict(run_id=r.id, attempt=1, worker=r.lease_owner, claimed_at=now)
+               for e in events for r in e.runs if r.state == RUNNING and r.lease_owner]
+    if claimed:
+        conn.execute(attempts_table.insert(), claimed)
+
+
+def record_events(conn: sa.Connection, events: list[NewEvent]) -> list[Recorded]:
+    """Store many events and their runs with one multi-row INSERT per table (the ingress fast path).
+
+    Duplicates (a dedupe key already stored, or twice in the batch) are found with one SELECT first. A
+    concurrent writer can still insert the same key between that SELECT and the INSERT (several ingress
+    processes on PostgreSQL); the INSERT then fails, and the caller retries event by event with
+    `record_event`, which resolves each conflict on its own.
+    """
+    keys = [e.dedupe_key for e in events if e.dedupe_key]
+    existing: dict[str, str] = {}
+    if keys:
+        existing = dict(conn.execute(
+            sa.select(events_table.c.dedupe_key, events_table.c.id).where(events_table.c.dedupe_key.in_(keys))
+        ).all())
+    fresh: list[NewEvent] = []
+    results: list[Recorded] = []
+    for event in events:
+        key = event.dedupe_key
+        if key and key in existing:
+            results.append(Recorded(event_id=existing[key], duplicate=True))
+            continue
+        if key:
+            existing[key] = event.id
+        fresh.append(event)
+        results.append(Recorded(event_id=event.id, duplicate=False, run_ids=tuple(r.id for r in event.runs)))
+    if fresh:
+        conn.execute(events_table.insert(), [event_row(e) for e in fresh])
+        _insert_runs(conn, fresh)
+    return results
+
+
+def record_event(conn: sa.Connection, event: NewEvent) -> Recorded:
+    """Store an event and its runs in the caller's transaction, unless its dedupe key is already there."""
+    inserted = insert_ignore(conn, events_table, event_row(event))
+    if not inserted:
+        existing = conn.execute(
+            sa.select(events_table.c.id).where(events_table.c.dedupe_key == event.dedupe_key)
+        ).scalar()
+        return Recorded(event_id=existing or event.id, duplicate=True)
+    _insert_runs(conn, [event])
+    return Recorded(event_id=event.id, duplicate=False, run_ids=tuple(r.id for r in event.runs))
+
+
+class _Waiter:
+    """Where a stored event's outcome goes: a thread's Future, or an asyncio Future on its loop."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, future: Any, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self.future = future
+        self.loop = loop
+
+
+def _settle(settled: list[tuple[Any, Any, bool]]) -> None:
+    for future, value, failed in settled:
+        if not future.done():
+            if failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+
+class BatchWriter:
+    """Group commit for events: callers submit, one thread writes whatever is waiting in one transaction.
+
+    `submit` returns a Future that resolves once the event is committed (or fails with the database's
+    exception), so an acknowledgement never precedes durability. `submit_async` does the same for a
+    coroutine, and the whole batch's asyncio futures are settled with one call into their loop (one wake-up
+    of the loop per batch, not one per event). `on_commit` is called after each batch that created runs
+    (the in-process dispatcher's wake-up).
+    """
+
+    def __init__(self, db: sa.Engine, max_batch: int = 256, on_commit: Optional[Any] = None) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self._queue: queue_mod.Queue[Optional[tuple[NewEvent, _Waiter]]] = queue_mod.Queue()
+        self._thread = threading.Thread(target=self._loop, name="wasmflow-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: NewEvent) -> "Future[Recorded]":
+        future: Future[Recorded] = Future()
+        self._queue.put((event, _Waiter(future)))
+        return future
+
+    def submit_async(self, event: NewEvent) -> "asyncio.Future[Recorded]":
+        """From a coroutine: an awaitable that resolves once the event is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Recorded] = loop.create_future()
+        self._queue.put((event, _Waiter(future, loop)))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue_mod.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._write(batch)
+            if stop:
+                return
+
+    def _write(self, batch: list[tuple[NewEvent, _Waiter]], one_by_one: bool = False) -> None:
+        try:
+            with self.db.begin() as conn:
+                if one_by_one:
+                    results = [record_event(conn, event) for event, _ in batch]
+                else:
+                    results = record_events(conn, [event for event, _ in batch])
+                if any(r.run_ids for r in results):
+                    notify_new_runs(conn)
+        except Exception as exc:  # a conflict or one bad event must not fail the batch: retry one by one
+            if not one_by_one:
+                for item in batch:
+                    self._write([item], one_by_one=True)
+                return
+            log.exception("storing event %s failed", batch[0][0].id)
+            self._deliver([(batch[0][1], exc, True)])
+            return
+        self._deliver([(waiter, result, False) for (_, waiter), result in zip(batch, results)])
+        if self.on_commit and any(r.run_ids for r in results):
+            try:
+                self.on_commit()
+            except Exception:
+                log.exception("on_commit hook failed")
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[_Waiter, Any, bool]]) -> None:
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
+        for waiter, value, failed in outcomes:
+            if waiter.loop is None:
+                _settle([(waiter.future, value, failed)])
+            else:
+                per_loop.setdefault(waiter.loop, []).append((waiter.future, value, failed))
+        for loop, settled in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, settled)
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
+                pass
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+def list_runs(db: sa.Engine, flow: Optional[str] = None, state: Optional[str] = None,
+              limit: int = 50) -> list[sa.Row]:
+    """Newest first. `state` may be a queue state (queued, running, done, dead) or an outcome (ok, trap...)."""
+    r, e = runs_table, events_table
+    query = (
+        sa.select(r.c.id, r.c.flow, r.c.state, r.c.status, r.c.attempt, r.c.trigger, r.c.created_at,
+                  r.c.finished_at, r.c.duration_ms, r.c.error, r.c.seq, e.c.name.label("event_name"),
+                  e.c.action, e.c.repo, e.c.delivery_id)
+        .join(e, e.c.id == r.c.event_id)
+        .order_by(r.c.created_at.desc(), r.c.id)
+        .limit(limit)
+    )
+    if flow:
+        query = query.where(r.c.flow == flow)
+    if state:
+        query = query.where(sa.or_(r.c.state == state, r.c.status == state))
+    with db.connect() as conn:
+        return list(conn.execute(query).all())
+
+
+def get_run(db: sa.Engine, run_id: str) -> Optional[sa.Row]:
+    """A run by id, or by a unique prefix of at least 6 characters (ids are printed shortened)."""
+    with db.connect() as conn:
+        row = conn.execute(sa.select(runs_table).where(runs_table.c.id == run_id)).first()
+        if row is None and len(run_id) >= 6:
+            rows = conn.execute(
+                sa.select(runs_table).where(runs_table.c.id.like(run_id + "%")).limit(2)
+            ).all()
+            row = rows[0] if len(rows) == 1 else None
+        return row
+
+
+def get_attempts(db: sa.Engine, run_id: str) -> list[sa.Row]:
+    with db.connect() as conn:
+        return list(conn.execute(
+            sa.select(attempts_table).where(attempts_table.c.run_id == run_id).order_by(attempts_table.c.id)
+        ).all())
+
+
+def get_event(db: sa.Engine, event_id: str) -> Optional[sa.Row]:
+    with db.connect() as conn:
+        return conn.execute(sa.select(events_table).where(events_table.c.id == event_id)).first()
+
+
+def find_event_by_delivery(db: sa.Engine, delivery_id: str) -> Optional[sa.Row]:
+    with db.connect() as conn:
+        return conn.execute(
+            sa.select(events_table).where(events_table.c.delivery_id == delivery_id)
+            .order_by(events_table.c.received_at).limit(1)
+        ).first()
+
+
+def list_events(db: sa.Engine, source: Optional[str] = None, limit: int = 50) -> list[sa.Row]:
+    e = events_table
+    query = (
+        sa.select(e.c.id, e.c.source, e.c.name, e.c.action, e.c.repo, e.c.delivery_id, e.c.received_at,
+                  e.c.status, e.c.runs_created, e.c.note)
+        .order_by(e.c.received_at.desc()).limit(limit)
+    )
+    if source:
+        query = query.where(e.c.source == source)
+    with db.connect() as conn:
+        return list(conn.execute(query).all())
+
+
+def queue_depth(db: sa.Engine) -> dict[str, int]:
+    """Runs queued, waiting, running and dead (for /metrics). Done runs are left out: they only grow, and
+    counting them would make every scrape slower."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            sa.select(runs_table.c.state, sa.func.count())
+            .where(runs_table.c.state.in_([QUEUED, RUNNING, DEAD, WAITING])).group_by(runs_table.c.state)
+        ).all()
+    counts = {QUEUED: 0, RUNNING: 0, DEAD: 0, WAITING: 0}
+    counts.update({state: n for state, n in rows})
+    return counts
+
+
+def runs_for_event(db: sa.Engine, event_id: str) -> list[sa.Row]:
+    with db.connect() as conn:
+        return list(conn.execute(
+            sa.select(runs_table).where(runs_table.c.event_id == event_id).order_by(runs_table.c.flow, runs_table.c.seq)
+        ).all())
+
+
+def decode_logs(text: Optional[str]) -> list[tuple[float, str, str]]:
+    if not text:
+        return []
+    return [tuple(item) for item in json.loads(text)]  # type: ignore[misc]
+
+
+def encode_logs(logs: Sequence[tuple[float, str, str]]) -> str:
+    return json.dumps([list(item) for item in logs])

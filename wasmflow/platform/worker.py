@@ -1,0 +1,252 @@
+"""The dispatcher: claims runs from the queue and executes them on a bounded thread pool.
+
+Everything here runs on plain threads, never on the asyncio loop: guests run in wasmtime (which releases
+the GIL), and database calls block, so the ingress loop in the same process stays responsive however
+busy the workers are. One claim thread leases runs in batches and keeps at most twice as many as there
+are threads (a claim costs about the same for one run as for ten, and a run waits at most one run's length
+for a thread); one finisher thread stores results, many per transaction; a maintenance thread renews the
+leases of the runs held and takes back runs whose worker died. On PostgreSQL a listener thread wakes the
+claim loop when another process stores runs (LISTEN/NOTIFY).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_mod
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import sqlalchemy as sa
+
+from wasmflow.engine.base import RunResult, Status
+from wasmflow.flows.model import Retry
+from wasmflow.platform.metrics import Metrics
+from wasmflow.platform.notify import Listener
+from wasmflow.platform.queue import ClaimedRun, Finish, Outcome, Queue
+
+log = logging.getLogger("wasmflow.worker")
+
+
+def worker_name() -> str:
+    """host:pid:random, unique per process start: what leases and the attempts table record."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Dispatcher:
+    def __init__(self, runtime: Any, queue: Queue, metrics: Optional[Metrics] = None, concurrency: int = 4,
+                 poll_interval: float = 0.5, claim_batch: int = 32) -> None:
+        self.runtime = runtime  # wasmflow.runtime.Runtime
+        self.queue = queue
+        self.metrics = metrics or Metrics()
+        self.concurrency = max(1, concurrency)
+        self.poll_interval = poll_interval
+        self.claim_batch = claim_batch
+        self.maintenance_interval = max(0.2, queue.lease_seconds / 3)
+        # Runs held at once: one executing per thread plus as many claimed and waiting for a thread. The
+        # waiting ones are leased and heartbeated like the others, and wait a run's length at most.
+        self.capacity = 2 * self.concurrency
+        self.min_claim = max(1, self.concurrency // 2)
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="wasmflow-run")
+        self._in_flight: dict[str, ClaimedRun] = {}
+        self._finishing: set[str] = set()  # results being stored: no heartbeat, not lost
+        self._slots = threading.Condition()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()  # no more claims
+        self._stopped = threading.Event()  # nothing held any more: lease maintenance ends too
+        self._threads: list[threading.Thread] = []
+        # Results are stored by one thread, many per transaction: fewer commits, less GIL time per run.
+        self._results: queue_mod.Queue[Optional[Outcome]] = queue_mod.Queue()
+        self._finisher = threading.Thread(target=self._finish_loop, name="wasmflow-finish", daemon=True)
+        self._listener: Optional[Listener] = None
+        self.completed = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._claim_loop, "wasmflow-claim"), (self._maintenance_loop, "wasmflow-lease")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._finisher.start()
+        if self.queue.postgres:  # other processes store runs too: hear about them at once
+            self._listener = Listener(self.queue.db, self.wake)
+            self._listener.start()
+
+    def wake(self) -> None:
+        """New runs were stored: claim now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self, grace: float = 30.0) -> int:
+        """Stop claiming, let runs in flight finish for up to `grace` seconds, release the rest.
+
+        Returns how many runs were released (queued again, their attempt not counted) for another worker
+        or the next start to take.
+        """
+        self._stopping.set()
+        self._wake.set()
+        if self._listener is not None:
+            self._listener.stop()
+        with self._slots:
+            self._slots.notify_all()
+        if self._threads:
+            self._threads[0].join(timeout=5)  # the claim loop
+        deadline = time.monotonic() + grace
+        with self._slots:
+            while self._in_flight and time.monotonic() < deadline:
+                self._slots.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            left = list(self._in_flight)
+        released = 0
+        if left:
+            try:
+                released = self.queue.release(left)
+            except sa.exc.SQLAlchemyError:
+                log.exception("releasing %d runs failed; their leases will expire", len(left))
+            log.warning("released %d runs still running after %.0fs", released, grace)
+        self._results.put(None)
+        if self._finisher.is_alive():
+            self._finisher.join(timeout=10)
+        self._stopped.set()
+        if len(self._threads) > 1:
+            self._threads[1].join(timeout=5)
+        self._pool.shutdown(wait=not left, cancel_futures=True)
+        return released
+
+    @property
+    def in_flight(self) -> int:
+        with self._slots:
+            return len(self._in_flight)
+
+    # --- loops -------------------------------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            with self._slots:
+                # Claim in batches: wait until half the capacity is free (a claim costs about as much for
+                # ten runs as for one), except when idle, so a lone event is taken at once.
+                while len(self._in_flight) > self.capacity - self.min_claim and not self._stopping.is_set():
+                    self._slots.wait(timeout=1.0)
+                free = self.capacity - len(self._in_flight)
+            if self._stopping.is_set():
+                return
+            self._wake.clear()
+            try:
+                runs = self.queue.claim(min(free, self.claim_batch))
+                failures = 0
+            except sa.exc.SQLAlchemyError as exc:
+                failures += 1
+                log.warning("claiming runs failed (%s); retrying", exc.__class__.__name__)
+                self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
+                continue
+            if not runs:
+                self._wake.wait(self.poll_interval)
+                continue
+            with self._slots:
+                for run in runs:
+                    self._in_flight[run.id] = run
+                self.metrics.in_flight.set(len(self._in_flight))
+            for run in runs:
+                self._pool.submit(self._execute, run)
+
+    def _maintenance_loop(self) -> None:
+        # Runs on through `stop`'s grace period: runs finishing then must keep their leases.
+        while not self._stopped.wait(self.maintenance_interval):
+            try:
+                with self._slots:
+                    ids = [i for i in self._in_flight if i not in self._finishing]
+                if ids:
+                    kept = self.queue.heartbeat(ids)
+                    with self._slots:  # a run whose result was stored meanwhile is not lost
+                        lost = [i for i in set(ids) - kept if i in self._in_flight and i not in self._finishing]
+                    for run_id in lost:
+                        log.warning("run %s: lease lost while running (another worker may run it)", run_id)
+                recovered = self.queue.recover_expired()
+                if recovered:
+                    self.metrics.lease_expiries.inc(recovered)
+                    log.warning("took back %d runs whose worker stopped renewing its lease", recovered)
+                    self._wake.set()
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("lease maintenance failed (%s); retrying", exc.__class__.__name__)
+
+    # --- one run -----------------------------------------------------------------------------------
+
+    def _execute(self, run: ClaimedRun) -> None:
+        try:
+            result, status, retry = self._run(run)
+        except BaseException as exc:  # never lose a slot: record even the impossible as a host failure
+            result, status, retry = RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}"), "upstream", Retry()
+        self._results.put(Outcome(run, result, retry, status))
+
+    def _run(self, run: ClaimedRun) -> tuple[RunResult, Optional[str], Retry]:
+        try:
+            flow = self.runtime.flows.flow(run.flow)
+        except KeyError:
+            return (RunResult(status=Status.INVALID, run_id=run.id,
+                              error=f"flow {run.flow!r} is no longer in flows.yaml"), None, Retry())
+        try:
+            result = self.runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt)
+            return result, None, flow.retry
+        except Exception as exc:  # the host failed around the run: a transient, retryable error
+            log.exception("run %s of %s: host error", run.id, run.flow)
+            return (RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}"), "upstream",
+                    flow.retry)
+
+    def _finish_loop(self) -> None:
+        while True:
+            item = self._results.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < 64:
+                try:
+                    more = self._results.get_nowait()
+                except queue_mod.Empty:
+                    break
+                if more is None:
+                    self._results.put(None)  # seen after this batch
+                    break
+                batch.append(more)
+            self._store(batch)
+
+    def _store(self, batch: list[Outcome]) -> None:
+        with self._slots:
+            self._finishing.update(o.run.id for o in batch)
+        for attempt in range(5):
+            try:
+                finishes = self.queue.finish_many(batch)
+                break
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("storing %d results failed (%s), try %d", len(batch), exc.__class__.__name__, attempt + 1)
+                time.sleep(0.2 * 2 ** attempt)
+        else:
+            log.error("%d results not stored; their runs will be taken again when the leases expire", len(batch))
+            finishes = []
+        for outcome, finish in zip(batch, finishes):
+            self._report(outcome, finish)
+        with self._slots:
+            for outcome in batch:
+                self._in_flight.pop(outcome.run.id, None)
+                self._finishing.discard(outcome.run.id)
+            self.metrics.in_flight.set(len(self._in_flight))
+            self._slots.notify_all()
+
+    def _report(self, outcome: Outcome, finish: Finish) -> None:
+        run, result = outcome.run, outcome.result
+        final_status = outcome.status or str(result.status)
+        self.metrics.runs.labels(flow=run.flow, status=final_status).inc()
+        self.metrics.run_duration.labels(flow=run.flow).observe((result.instantiate_ms + result.run_ms) / 1000)
+        if finish.state == "queued":
+            self.metrics.retries.labels(flow=run.flow).inc()
+            log.info("run %s of %s: %s, attempt %d; retry in %.1fs", run.id, run.flow, final_status,
+                     run.attempt, finish.delay)
+        elif finish.state == "lost":
+            log.warning("run %s of %s finished after its lease was taken; result dropped", run.id, run.flow)
+        elif finish.state == "dead":
+            log.warning("run %s of %s: %s after %d attempt(s): %s", run.id, run.flow, final_status,
+                        run.attempt, result.error)
+        self.completed += 1
