@@ -88,6 +88,7 @@ def test_unreachable_host_is_an_upstream_error_not_a_crash(guest_wasm, tmp_path)
     rt = runtime_for(tmp_path, http_flow(guest_wasm["hostile-http-denied"], "http://127.0.0.1:9/", ["http://127.0.0.1:9"]))
     result = rt.run("fetch", Event("manual"))
     assert result.status is Status.TRAP  # the guest's expect() panics on Upstream
+    assert result.upstream_failures and "127.0.0.1:9" in result.upstream_failures[0]
     assert b"Upstream" in result.stderr or b"upstream" in result.stderr.lower()
 
 

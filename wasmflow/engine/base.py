@@ -59,6 +59,7 @@ class RunResult:
     stdout: bytes = b""
     stderr: bytes = b""
     denials: list[str] = field(default_factory=list)
+    upstream_failures: list[str] = field(default_factory=list)
     instantiate_ms: float = 0.0
     run_ms: float = 0.0
     engine: str = ""

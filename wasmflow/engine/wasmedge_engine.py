@@ -59,7 +59,7 @@ from typing import Any, Callable, Optional
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
-from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range
+from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range, invoke
 
 from . import wasmedge_capi as capi
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
@@ -186,16 +186,7 @@ class _Dispatch:
         if active is None:  # a call from no run of ours (a start function): refuse, do not crash
             return int(Code.INTERNAL)
         args = [_get_value(params[i], t) for i, t in enumerate(fn.params)]
-        run = active.run
-        try:
-            return int(fn.body(Call(active.memory, run), *args))
-        except HostError as err:
-            if err.code == Code.BAD_POINTER:
-                run.denials.append(f"{fn.module}::{fn.name}: {err.message}")
-            return err.code
-        except Exception:  # a bug of ours: the guest gets INTERNAL, the log gets the trace
-            log.exception("host function %s::%s failed in run %s", fn.module, fn.name, run.run_id)
-            return int(Code.INTERNAL)
+        return invoke(fn, Call(active.memory, active.run), args)
 
 
 def _get_value(value: capi.Value, kind: str) -> int:
@@ -585,7 +576,8 @@ class WasmEdgeEngine:
         finally:
             stdio.close()
         result.stdout, result.stderr = stdio.stdout.value(), stdio.stderr.value()
-        for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials"):
+        for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials",
+                     "upstream_failures"):
             setattr(result, attr, getattr(ctx, attr))
         if not result.ok:
             classify_failure(result, memory_bytes=memory_bytes[0], memory_cap=limits.memory)

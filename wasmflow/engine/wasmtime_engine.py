@@ -25,7 +25,7 @@ import wasmtime
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
-from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range
+from wasmflow.host_functions.spec import Call, Code, HostFunction, RunContext, check_range, invoke
 
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
@@ -65,27 +65,17 @@ class _CallerMemory:
 
 
 def adapt(fn: HostFunction) -> Callable[..., int]:
-    """Wrap an engine-neutral body: find the run, give it memory, turn every failure into a code."""
-    body = fn.body
-    qualified = f"{fn.module}::{fn.name}"
+    """Wrap an engine-neutral body for wasmtime: find the run, give it memory, let `invoke` do the rest."""
 
     def call(caller: wasmtime.Caller, *args: int) -> int:
         run: RunContext | None = getattr(_current, "run", None)
         if run is None:  # cannot happen for guests started by run(); refuse rather than crash
             return int(Code.INTERNAL)
-        try:
-            mem = run.state.get("_memory")
-            if mem is None:  # looked up once per run: the export handle stays valid for the instance
-                mem = caller.get("memory")
-                run.state["_memory"] = mem = mem if isinstance(mem, wasmtime.Memory) else False
-            return int(body(Call(_CallerMemory(caller, mem or None), run), *args))
-        except HostError as err:
-            if err.code == Code.BAD_POINTER:
-                run.denials.append(f"{qualified}: {err.message}")
-            return err.code
-        except Exception:  # a bug of ours must not unwind through wasmtime
-            log.exception("host function %s failed in run %s", qualified, run.run_id)
-            return int(Code.INTERNAL)
+        mem = run.state.get("_memory")
+        if mem is None:  # looked up once per run: the export handle stays valid for the instance
+            mem = caller.get("memory")
+            run.state["_memory"] = mem = mem if isinstance(mem, wasmtime.Memory) else False
+        return invoke(fn, Call(_CallerMemory(caller, mem or None), run), args)
 
     return call
 
@@ -197,7 +187,8 @@ class WasmtimeEngine:
             if stdin_file is not None:
                 stdin_file.close()
         result.stdout, result.stderr = stdout.value(), stderr.value()
-        for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials"):
+        for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials",
+                     "upstream_failures"):
             setattr(result, attr, getattr(ctx, attr))
         if not result.ok:
             classify_failure(result, memory_bytes=result_memory(store, ctx), memory_cap=limits.memory)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
+
+_log = logging.getLogger("wasmflow.host")
 
 
 class Code(enum.IntEnum):
@@ -110,6 +113,27 @@ class HostFunction:
     body: Callable[..., int]
 
 
+def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]") -> int:
+    """Run a host function body for an engine adapter: every failure becomes a code, never an exception.
+
+    Both engines call this, so they agree on what a refusal is: a bad pointer counts as a denial (the run
+    ends `denied` if the guest then fails), and an UPSTREAM or TIMEOUT answer is remembered so that a run
+    failing because a remote service failed is retried as `upstream`, not filed as a bug in the guest.
+    """
+    run = call.run
+    try:
+        return int(fn.body(call, *args))
+    except HostError as err:
+        if err.code == Code.BAD_POINTER:
+            run.denials.append(f"{fn.module}::{fn.name}: {err.message}")
+        elif err.code in (Code.UPSTREAM, Code.TIMEOUT):
+            run.upstream_failures.append(f"{fn.module}::{fn.name}: {err.message}")
+        return err.code
+    except Exception:  # a bug of ours must not unwind through the engine
+        _log.exception("host function %s::%s failed in run %s", fn.module, fn.name, run.run_id)
+        return int(Code.INTERNAL)
+
+
 @dataclass
 class Call:
     """What a host function body sees: the guest's memory for this call and the run it belongs to."""
@@ -142,6 +166,7 @@ class RunContext:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     response_body: bytes | None = None
     denials: list[str] = field(default_factory=list)
+    upstream_failures: list[str] = field(default_factory=list)  # calls that failed beyond the guest
     _results: dict[int, bytes] = field(default_factory=dict)
     _next_handle: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -190,6 +190,11 @@ class Dispatcher:
                               error=f"flow {run.flow!r} is no longer in flows.yaml"), None, Retry())
         try:
             result = self.runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt)
+            if result.status in (Status.ERROR, Status.TRAP) and result.upstream_failures:
+                # The guest failed because a service beyond it did (its HTTP, GitHub or LLM call
+                # answered UPSTREAM or TIMEOUT): transient, retried as `upstream`, not filed as a bug.
+                result.error = f"{result.error}; after upstream failure: {result.upstream_failures[-1]}"
+                return result, "upstream", flow.retry
             return result, None, flow.retry
         except Exception as exc:  # the host failed around the run: a transient, retryable error
             log.exception("run %s of %s: host error", run.id, run.flow)
