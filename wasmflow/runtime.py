@@ -46,25 +46,21 @@ class Runtime:
         self._lock = threading.Lock()
 
     def _optional_capabilities(self) -> list[Capability]:
-        """Capabilities whose module is present and whose section of flows.yaml is in use."""
-        caps: list[Capability] = []
-        registry = None
-        try:
-            from wasmflow.wasi_nn.host import NnCapability
-        except ImportError:
-            pass
-        else:
-            nn = NnCapability.from_flows(self.flows, self.base_dir, self.state_dir)
-            registry = getattr(nn, "registry", None)
-            caps.append(nn)
+        """WASI-NN, GitHub and LLM, built from their sections of flows.yaml.
+
+        Always present, so a guest that calls them without the section gets a refusal, not a link error;
+        local LLM calls share the WASI-NN registry, so weights are loaded once per process.
+        """
         from wasmflow.host_functions.github import GithubCapability
         from wasmflow.host_functions.llm import LlmCapability
+        from wasmflow.wasi_nn.host import WasiNNCapability
 
-        # Always present, so a guest that calls them without the flows.yaml section gets DENIED, not a
-        # link error; local LLM calls share the WASI-NN registry, so weights are loaded once.
-        caps.append(GithubCapability.from_flows(self.flows, self.base_dir, self.state_dir))
-        caps.append(LlmCapability.from_flows(self.flows, self.base_dir, self.state_dir, registry=registry))
-        return caps
+        nn = WasiNNCapability.from_flows(self.flows, self.base_dir, self.state_dir)
+        return [
+            nn,
+            GithubCapability.from_flows(self.flows, self.base_dir, self.state_dir),
+            LlmCapability.from_flows(self.flows, self.base_dir, self.state_dir, registry=nn.registry),
+        ]
 
     def engine_for(self, flow: Flow) -> Engine:
         name = self.engine_override or flow.engine or self.flows.engine

@@ -4,7 +4,7 @@
 """
 
 from .abi import Encoding, NNError, NNFailure, Target, TensorType
-from .host import NnCapability, WasiNNCapability
+from .host import WasiNNCapability
 from .registry import ModelEntry, ModelRegistry, parse_preload
 
 __all__ = [
@@ -16,6 +16,5 @@ __all__ = [
     "Target",
     "TensorType",
     "WasiNNCapability",
-    "NnCapability",
     "parse_preload",
 ]

@@ -488,6 +488,5 @@ class WasiNNCapability(Capability):
         return NNError.SUCCESS
 
 
-NnCapability = WasiNNCapability  # the name the runtime imports
 
-__all__ = ["WasiNNCapability", "NnCapability", "NNRunState", "GraphHandle"]
+__all__ = ["WasiNNCapability", "NNRunState", "GraphHandle"]
