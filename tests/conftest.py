@@ -7,10 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from wasmflow.build import BuildError, build, find_toolchain
+from wasmflow.build import BuildError, Toolchain, build, find_toolchain
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_WORKSPACE = REPO / "guest-examples"
+
+
+def require_toolchain() -> Toolchain:
+    """The Rust WASI toolchain, or a skip saying how to install it; under CI (which installs it) a failure."""
+    try:
+        return find_toolchain()
+    except BuildError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def toolchain() -> Toolchain:
+    return require_toolchain()
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +37,7 @@ def guest_wasm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Without a Rust WASI toolchain the tests that need guests are skipped, saying how to install one;
     a toolchain that fails to build them is a test error with cargo's output.
     """
-    try:
-        find_toolchain()
-    except BuildError as exc:
-        if os.environ.get("CI"):  # CI installs the toolchain: its absence there is a failure, not a skip
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    require_toolchain()
     return build(None, GUEST_WORKSPACE, tmp_path_factory.mktemp("build-state"), progress=False)
 
 

@@ -17,7 +17,6 @@ from wasmflow.build import (
     artifact_path,
     build,
     build_command,
-    find_toolchain,
     resolve_module,
 )
 
@@ -35,14 +34,6 @@ def imports(path: Path) -> set[tuple[str, str]]:
 
 def exports(path: Path) -> set[str]:
     return {exp.name for exp in wasmtime.Module.from_file(wasmtime.Engine(), str(path)).exports}
-
-
-@pytest.fixture
-def toolchain():
-    try:
-        return find_toolchain()
-    except BuildError as exc:
-        pytest.skip(str(exc))
 
 
 def write_crate(directory: Path, name: str, main_rs: str) -> Path:

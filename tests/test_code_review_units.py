@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from wasmflow.build import BuildError, find_toolchain
 
 GUESTS = Path(__file__).resolve().parents[1] / "guest-examples"
 
 
-def test_rust_unit_tests_pass_in_wasmtime(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    try:
-        toolchain = find_toolchain()
-    except BuildError as exc:
-        pytest.skip(str(exc))
+def test_rust_unit_tests_pass_in_wasmtime(tmp_path: Path, capfd: pytest.CaptureFixture[str], toolchain) -> None:  # type: ignore[no-untyped-def]
     state = GUESTS.parent / ".wasmflow"
     proc = subprocess.run(
         [toolchain.cargo, "test", "--target", toolchain.target, "-p", "code-review", "--no-run", "--message-format=json"],

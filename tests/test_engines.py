@@ -19,7 +19,7 @@ import pytest
 import wasmtime
 
 from wasmflow.engine import ENGINES, Engine, ModuleError, RunRequest, RunResult, Status, make_engine
-from engine_support import WASMEDGE_SKIP, skip_without, wasmedge_problem  # noqa: F401
+from engine_support import skip_without
 from wasmflow.engine import wasmedge_capi
 from wasmflow.flows.model import Flow
 from wasmflow.host_functions import Host

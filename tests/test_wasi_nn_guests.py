@@ -294,12 +294,7 @@ def test_exec_runs_a_guest_like_wasmedge(guest_wasm: dict[str, Path], tiny: dict
 
 def test_same_guest_on_the_wasmedge_engine(guest_wasm: dict[str, Path], tiny: dict[str, Path], tmp_path: Path) -> None:
     """One capability definition serves both engines: the WasmEdge engine gives the same tokens."""
-    from wasmflow.engine import wasmedge_capi
-
-    try:
-        wasmedge_capi.load()
-    except wasmedge_capi.WasmEdgeUnavailable as exc:
-        pytest.skip(f"libwasmedge not found: {str(exc)[:120]}")
+    skip_without("wasmedge")
     from wasmflow.engine import make_engine
 
     reg = ModelRegistry([parse_preload(f"default:GGML:AUTO:{tiny['gguf']}")])

@@ -16,7 +16,6 @@ from typing import Optional
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)

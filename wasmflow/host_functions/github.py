@@ -486,7 +486,7 @@ class GithubCapability(Capability):
         accept = str(spec.get("accept", "json"))
         accept = MEDIA_TYPES.get(accept, accept)
         if not accept.startswith("application/vnd.github") and accept != "application/json":
-            raise HostError(Code.INVALID, f"accept must be json/diff/patch/raw/text/full or a GitHub media type")
+            raise HostError(Code.INVALID, "accept must be json/diff/patch/raw/text/full or a GitHub media type")
         if (body_len & 0xFFFFFFFF) > MAX_BODY:
             raise HostError(Code.TOO_LARGE, "request body over 8 MiB")
         body: Any = None
