@@ -72,7 +72,7 @@ def print_result(result, show_output: bool = True) -> None:  # type: ignore[no-u
     line = (f"[bold {STATUS_STYLE.get(status, 'default')}]{status}[/]  run {result.run_id}  "
             f"engine {result.engine} ({result.mode})  instantiate {result.instantiate_ms:.2f} ms  "
             f"run {result.run_ms:.2f} ms")
-    console.print(line)
+    console.print(line, soft_wrap=True)
     if result.error:
         console.print(f"[red]{result.error}[/red]", markup=True)
 
