@@ -10,6 +10,7 @@ import json
 import time
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from wasmflow.platform.db import kv_table
 
@@ -24,18 +25,24 @@ class KeyValueStore:
     """Plain Python access to the kv table, used by the capability and by tests and the CLI.
 
     Statements are built once with bind parameters: building SQLAlchemy expressions per call cost more
-    than the SQLite work itself on a run's hot path.
+    than the database work itself on a run's hot path.
     """
 
     _flow, _key, _value, _now = (sa.bindparam(n) for n in ("p_flow", "p_key", "p_value", "p_now"))
     _where = sa.and_(kv_table.c.flow == _flow, kv_table.c.key == _key)
     _get = sa.select(kv_table.c.value).where(_where)
-    _update = kv_table.update().where(_where).values(value=_value, updated_at=_now)
-    _insert = kv_table.insert().values(flow=_flow, key=_key, value=_value, updated_at=_now)
     _delete = kv_table.delete().where(_where)
 
     def __init__(self, db: sa.Engine) -> None:
         self.db = db
+        # One statement per write (INSERT ... ON CONFLICT DO UPDATE, which SQLite and PostgreSQL share):
+        # a single round trip, and concurrent writers cannot race between an UPDATE and an INSERT.
+        dialect = {"postgresql": postgresql, "sqlite": sqlite}[db.dialect.name]
+        insert = dialect.insert(kv_table).values(flow=self._flow, key=self._key, value=self._value, updated_at=self._now)
+        self._upsert = insert.on_conflict_do_update(
+            index_elements=[kv_table.c.flow, kv_table.c.key],
+            set_={"value": insert.excluded.value, "updated_at": insert.excluded.updated_at},
+        )
 
     def get(self, flow: str, key: str) -> bytes | None:
         with self.db.connect() as conn:
@@ -43,15 +50,8 @@ class KeyValueStore:
         return None if row is None else bytes(row[0])
 
     def set(self, flow: str, key: str, value: bytes) -> None:
-        params = {"p_flow": flow, "p_key": key, "p_value": value, "p_now": time.time()}
         with self.db.begin() as conn:
-            if conn.execute(self._update, params).rowcount:
-                return
-            try:
-                with conn.begin_nested():
-                    conn.execute(self._insert, params)
-            except sa.exc.IntegrityError:  # a concurrent writer inserted first: last write wins
-                conn.execute(self._update, params)
+            conn.execute(self._upsert, {"p_flow": flow, "p_key": key, "p_value": value, "p_now": time.time()})
 
     def delete(self, flow: str, key: str) -> None:
         with self.db.begin() as conn:

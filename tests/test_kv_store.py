@@ -1,0 +1,71 @@
+"""The key-value store on both databases: upsert, scoping, prefixes with LIKE's special characters."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from wasmflow.host_functions.kv import KeyValueStore
+from wasmflow.platform.db import open_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        db = open_database(f"sqlite:///{tmp_path / 'kv.db'}")
+    else:
+        url = os.environ.get("WASMFLOW_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("PostgreSQL not available (set WASMFLOW_TEST_POSTGRES_URL)")
+        db = open_database(url)
+    kv = KeyValueStore(db)
+    flow = f"t-{uuid.uuid4().hex[:8]}"  # a flow of its own: tests never see each other's keys
+    yield kv, flow
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM kv WHERE flow LIKE :f"), {"f": flow + "%"})
+    db.dispose()
+
+
+def test_set_overwrites_and_flows_are_separate(store):
+    kv, flow = store
+    assert kv.get(flow, "k") is None
+    kv.set(flow, "k", b"one")
+    kv.set(flow, "k", b"two")
+    kv.set(flow + "-other", "k", b"theirs")
+    assert kv.get(flow, "k") == b"two" and kv.get(flow + "-other", "k") == b"theirs"
+    kv.delete(flow, "k")
+    kv.delete(flow, "k")  # absent: still fine
+    assert kv.get(flow, "k") is None and kv.get(flow + "-other", "k") == b"theirs"
+
+
+def test_keys_by_prefix_treat_like_wildcards_literally(store):
+    kv, flow = store
+    for key in ("issue:1", "issue:2", "issue_x", "issueZ", "other"):
+        kv.set(flow, key, b"v")
+    assert kv.keys(flow, "issue:") == ["issue:1", "issue:2"]
+    assert kv.keys(flow, "issue_") == ["issue_x"]  # `_` is not "any character"
+    assert kv.keys(flow, "") == ["issue:1", "issue:2", "issueZ", "issue_x", "other"]
+
+
+def test_concurrent_writers_to_one_key_never_fail(store):
+    kv, flow = store
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(20):
+                kv.set(flow, "hot", f"{n}:{i}".encode())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert kv.get(flow, "hot").endswith(b":19")
