@@ -14,7 +14,6 @@ Run it in-process (`GithubStandin().start()`, a background thread with its own e
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -26,6 +25,8 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from aiohttp import web
+
+from .loopback import LoopbackServer
 
 JSON_BODY = web.RequestKey("json_body", object)  # the parsed request body, set by the middleware
 
@@ -147,7 +148,7 @@ class Recorded:
     auth: str  # "jwt", "installation", "none"
 
 
-class GithubStandin:
+class GithubStandin(LoopbackServer):
     """The stand-in server and its state. All public methods are thread-safe for use from tests."""
 
     def __init__(self, app_id: int = 4242, app_slug: str = "wasmflow-review", public_key_pem: Optional[str] = None,
@@ -159,7 +160,7 @@ class GithubStandin:
             self.private_key_pem, self.public_key_pem = generate_app_key()
         else:
             self.private_key_pem, self.public_key_pem = "", public_key_pem
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.repos: dict[str, Repo] = {}
         self.tokens: dict[str, float] = {}  # installation token → expiry (unix time)
         self.requests: list[Recorded] = []
@@ -168,57 +169,6 @@ class GithubStandin:
         self.token_ttl = 3600.0
         self._ids = 1000
         self._lock = threading.RLock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._runner: Optional[web.AppRunner] = None
-        self._thread: Optional[threading.Thread] = None
-        self.url = ""
-
-    # -- lifecycle ----------------------------------------------------------------------------------
-
-    def start(self) -> "GithubStandin":
-        """Serve on a loopback port in a background thread; `self.url` is the API base URL."""
-        ready = threading.Event()
-        error: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                self._runner = web.AppRunner(self.app(), access_log=None)
-                loop.run_until_complete(self._runner.setup())
-                site = web.TCPSite(self._runner, self.host, self.port)
-                loop.run_until_complete(site.start())
-                sock = site._server.sockets[0]  # type: ignore[union-attr]
-                self.port = sock.getsockname()[1]
-                self.url = f"http://{self.host}:{self.port}"
-            except BaseException as exc:  # reported to the caller of start()
-                error.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="github-standin", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if error:
-            raise error[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def __enter__(self) -> "GithubStandin":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # -- state for tests ----------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 
 from aiohttp import web
 
+from .loopback import LoopbackServer
+
 JSON_BODY = web.RequestKey("json_body", object)  # the parsed request body, set by the middleware
 
 Responder = Callable[[list[dict[str, Any]], dict[str, Any]], str]
@@ -40,68 +42,21 @@ def hashed_embedding(text: str, dims: int = 64) -> list[float]:
     return [v / norm for v in vec]
 
 
-class OpenAIStandin:
+class OpenAIStandin(LoopbackServer):
     def __init__(self, responder: Responder = echo_responder, api_key: Optional[str] = "sk-test",
                  model: str = "standin-chat", host: str = "127.0.0.1", port: int = 0) -> None:
         self.responder = responder
         self.api_key = api_key
         self.model = model
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.requests: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self.delay = 0.0
         self._lock = threading.Lock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self.url = ""
 
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
-
-    def start(self) -> "OpenAIStandin":
-        ready = threading.Event()
-        error: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            runner = web.AppRunner(self.app(), access_log=None)
-            try:
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, self.host, self.port)
-                loop.run_until_complete(site.start())
-                self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-                self.url = f"http://{self.host}:{self.port}"
-            except BaseException as exc:
-                error.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="openai-standin", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if error:
-            raise error[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = None
-
-    def __enter__(self) -> "OpenAIStandin":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def fail_next(self, status: int = 503, times: int = 1, message: str = "overloaded") -> None:
         with self._lock:
