@@ -735,11 +735,9 @@ class GithubStandin(LoopbackServer):
         if len(body) > 65536:
             return self._error(422, "Validation Failed: body is too long (maximum is 65536 characters)")
         with self._lock:
-            comment = self._repo(request).comments.get(int(request.match_info["cid"]))
-            if comment is None:
-                return self._error(404, "Not Found")
-            if comment["user"]["login"] != self.bot_user()["login"]:
-                return self._error(403, "Resource not accessible by integration")
+            comment, refusal = self._own_comment(self._repo(request), request)
+            if refusal is not None:
+                return refusal
             comment["body"], comment["updated_at"] = body, iso()
             comment.setdefault("_edits", 0)
             comment["_edits"] += 1
@@ -748,13 +746,20 @@ class GithubStandin(LoopbackServer):
     async def h_delete_comment(self, request: web.Request) -> web.Response:
         with self._lock:
             repo = self._repo(request)
-            comment = repo.comments.get(int(request.match_info["cid"]))
-            if comment is None:
-                return self._error(404, "Not Found")
-            if comment["user"]["login"] != self.bot_user()["login"]:
-                return self._error(403, "Resource not accessible by integration")
+            comment, refusal = self._own_comment(repo, request)
+            if refusal is not None:
+                return refusal
             del repo.comments[comment["id"]]
             return web.Response(status=204)
+
+    def _own_comment(self, repo: Repo, request: web.Request) -> tuple[Any, Optional[web.Response]]:
+        """The comment of the URL, or GitHub's answer: 404 if absent, 403 if the App did not write it."""
+        comment = repo.comments.get(int(request.match_info["cid"]))
+        if comment is None:
+            return None, self._error(404, "Not Found")
+        if comment["user"]["login"] != self.bot_user()["login"]:
+            return None, self._error(403, "Resource not accessible by integration")
+        return comment, None
 
     async def h_comment_reaction(self, request: web.Request) -> web.Response:
         content = (request[JSON_BODY] or {}).get("content")
