@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 
 import pytest
-import sqlalchemy as sa
+from platform_support import pg_url  # noqa: F401  (fixture)
 
 from wasmflow.host_functions.kv import KeyValueStore
 from wasmflow.platform.db import open_database
@@ -15,18 +13,10 @@ from wasmflow.platform.db import open_database
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):  # type: ignore[no-untyped-def]
-    if request.param == "sqlite":
-        db = open_database(f"sqlite:///{tmp_path / 'kv.db'}")
-    else:
-        url = os.environ.get("WASMFLOW_TEST_POSTGRES_URL")
-        if not url:
-            pytest.skip("PostgreSQL not available (set WASMFLOW_TEST_POSTGRES_URL)")
-        db = open_database(url)
-    kv = KeyValueStore(db)
-    flow = f"t-{uuid.uuid4().hex[:8]}"  # a flow of its own: tests never see each other's keys
-    yield kv, flow
-    with db.begin() as conn:
-        conn.execute(sa.text("DELETE FROM kv WHERE flow LIKE :f"), {"f": flow + "%"})
+    """A fresh store: SQLite in tmp_path, or PostgreSQL in a schema of its own (`pg_url`)."""
+    url = f"sqlite:///{tmp_path / 'kv.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    db = open_database(url)
+    yield KeyValueStore(db), "flow"
     db.dispose()
 
 
