@@ -432,7 +432,12 @@ class GithubCapability(Capability):
             HostFunction("wasmflow", "github_info", i32s(1), ("i32",), self.github_info),
         ]
 
-    def open_run(self, run: RunContext) -> None:
+    def _state(self, run: RunContext) -> "_RunGithub":
+        """The run's GitHub state, built on its first GitHub call: most runs never make one, and this
+        parses the whole event body (webhook payloads run to megabytes)."""
+        state: Optional[_RunGithub] = run.state.get("github")
+        if state is not None:
+            return state
         # Only a signed GitHub delivery (or the operator's own `wasmflow run`) may name the repository and
         # installation: an HTTP trigger's body comes from anyone, so it never opens GitHub access.
         payload = run.event.json() if run.event.trigger in TRUSTED_TRIGGERS else None
@@ -446,7 +451,8 @@ class GithubCapability(Capability):
             if isinstance(inst, int):
                 installation = inst
         repos.extend(getattr(run.flow.allow, "github_repos", []) or [])
-        run.state["github"] = _RunGithub(repos=repos, installation_id=installation)
+        state = run.state["github"] = _RunGithub(repos=repos, installation_id=installation)
+        return state
 
     def close_run(self, run: RunContext) -> None:
         state: Optional[_RunGithub] = run.state.get("github")
@@ -462,7 +468,7 @@ class GithubCapability(Capability):
     # -- host functions -----------------------------------------------------------------------------
 
     def github_info(self, call: Call, out: int) -> int:
-        state: _RunGithub = call.run.state["github"]
+        state = self._state(call.run)
         info = {
             "repository": state.repos[0] if state.repos else None,
             "installation_id": state.installation_id,
@@ -475,7 +481,7 @@ class GithubCapability(Capability):
 
     def github_request(self, call: Call, req_ptr: int, req_len: int, body_ptr: int, body_len: int, out: int) -> int:
         run = call.run
-        state: _RunGithub = run.state["github"]
+        state = self._state(run)
         check_range(call.memory.size(), out, 16)
         spec = read_json(call.memory, req_ptr, req_len)
         if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
@@ -565,7 +571,7 @@ class GithubCapability(Capability):
 
     def _check(self, run: RunContext, method: str, url: str) -> None:
         parsed = urllib.parse.urlsplit(url)
-        state: _RunGithub = run.state["github"]
+        state = self._state(run)
         try:
             scope = classify(method, parsed.path, urllib.parse.parse_qs(parsed.query), state.repos)
         except ValueError as exc:
@@ -589,7 +595,7 @@ class GithubCapability(Capability):
 
     def _send(self, call: Call, method: str, url: str, accept: str, body: Any) -> GithubResponse:
         run = call.run
-        state: _RunGithub = run.state["github"]
+        state = self._state(run)
         assert self.app is not None and state.installation_id is not None
         if state.calls >= MAX_REQUESTS:
             raise HostError(Code.LIMIT, f"more than {MAX_REQUESTS} GitHub requests in one run")

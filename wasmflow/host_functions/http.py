@@ -6,11 +6,11 @@ allow list, and bounds the call by the run's deadline, so a slow server cannot h
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import urllib.error
 import urllib.request
-from typing import Any
 
 from .http_allow import HttpAllowList
 from .spec import Call, Capability, Code, HostError, HostFunction, check_range, i32s, read_json
@@ -42,11 +42,14 @@ class HttpCapability(Capability):
     def functions(self) -> list[HostFunction]:
         return [HostFunction("wasmflow", "http_request", i32s(5), ("i32",), self.http_request)]
 
-    def open_run(self, run: Any) -> None:
-        run.state["http"] = {"count": 0, "allow": HttpAllowList(run.flow.allow.http)}
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _allow_list(patterns: tuple[str, ...]) -> HttpAllowList:
+        """Parsed once per set of patterns (per flow), not per run."""
+        return HttpAllowList(list(patterns))
 
     def http_request(self, call: Call, req_ptr: int, req_len: int, body_ptr: int, body_len: int, out: int) -> int:
-        state = call.run.state["http"]
+        state = call.run.state.setdefault("http", {"count": 0, "allow": self._allow_list(tuple(call.run.flow.allow.http))})
         check_range(call.memory.size(), out, 16)
         spec = read_json(call.memory, req_ptr, req_len)
         if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
