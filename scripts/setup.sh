@@ -22,6 +22,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1; then
+  # Debian splits venv out of its python3 package.
+  echo "==> apt-get install python3-venv python3-dev"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-dev >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   "$PYTHON" -m venv .venv
