@@ -128,7 +128,8 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
         asyncio.run(serve(platform, host, port, extra_routes=default_route_hooks()))
     except OSError as exc:  # port in use, address not available
         platform.stop()
-        err_console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror or exc}")
+        err_console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror or exc} "
+                          "(stop what holds the port, or pick another with --port)", soft_wrap=True)
         sys.exit(2)
     finally:
         in_flight = platform.dispatcher.in_flight if platform.dispatcher else 0
