@@ -57,7 +57,7 @@ def test_every_guest_builds_to_a_wasi_command_module(guest_wasm):
 def test_hello_imports_the_wasmflow_module(guest_wasm):
     imported = imports(guest_wasm["hello"])
     assert {module for module, _ in imported} == {"wasmflow", "wasi_snapshot_preview1"}
-    for name in ("event_name", "event_body", "kv_get", "kv_set", "config_get", "set_output", "log",
+    for name in ("event_name", "event_body", "kv_increment", "config_get", "set_output", "log",
                  "result_read", "set_response_status", "set_response_header", "set_response_body"):
         assert ("wasmflow", name) in imported, name
 

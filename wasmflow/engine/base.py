@@ -60,6 +60,7 @@ class RunResult:
     stderr: bytes = b""
     denials: list[str] = field(default_factory=list)
     upstream_failures: list[str] = field(default_factory=list)
+    truncated: dict[str, int] = field(default_factory=dict)  # output kind (logs, stdout...) -> items cut at a cap
     instantiate_ms: float = 0.0
     run_ms: float = 0.0
     engine: str = ""
@@ -78,6 +79,7 @@ class RunRequest:
     event: Event
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     attempt: int = 1
+    execution: int = 1  # the claim's number among all claims of the run (see RunContext.execution)
     args: Optional[list[str]] = None  # argv after the program name; default: the flow's args
     env: Optional[dict[str, str]] = None  # extra WASI environment (wasmflow exec); default: config + secrets
     stdin: Optional[bytes] = None
@@ -90,6 +92,7 @@ class RunRequest:
             event=self.event,
             run_id=self.run_id,
             attempt=self.attempt,
+            execution=self.execution,
             deadline=time.monotonic() + timeout,
         )
 

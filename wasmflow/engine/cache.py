@@ -34,10 +34,14 @@ class ModuleCache:
                 return body, True
         except OSError:
             pass
-        body = compile_()
+        return self.replace(wasm, compile_()), False
+
+    def replace(self, wasm: bytes, body: bytes) -> bytes:
+        """Store `body` as the compiled form of `wasm` (over an entry the engine could not use)."""
+        path = self.entry(wasm)
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         with os.fdopen(fd, "wb") as out:
             out.write(hashlib.sha256(body).digest() + body)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the new, never half
-        return body, False
+        return body

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+from wasmflow.host_functions.spec import RunContext
+
 from .base import RunResult, Status
 
 # A trap with memory this close to the cap means `memory.grow` failed and the guest's allocator gave up.
@@ -24,7 +28,10 @@ class CappedBuffer:
         self.dropped += max(0, len(chunk) - max(room, 0))
         return len(chunk)
 
-    def value(self) -> bytes:
+    def value(self, run: Optional[RunContext] = None, kind: str = "") -> bytes:
+        """The bytes kept, with a marker saying how many were dropped; counted in `run.truncated[kind]`."""
+        if self.dropped and run is not None:
+            run.truncated[kind] = self.dropped
         if self.dropped:
             return bytes(self.data) + f"\n[wasmflow: {self.dropped} more bytes dropped]\n".encode()
         return bytes(self.data)

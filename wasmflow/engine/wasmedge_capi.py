@@ -35,6 +35,9 @@ SUPPORTED = ((0, 14), (0, 17))  # inclusive range of (major, minor) the bindings
 ENV_VAR = "WASMFLOW_WASMEDGE_LIB"
 WASM_PAGE = 65536
 
+# What a host function returns (wasmedge_basic.h: WasmEdge_Result_Success / _Terminate)
+RESULT_SUCCESS = 0x00
+RESULT_TERMINATE = 0x01  # unwinds the guest at once (what WASI's proc_exit returns)
 # WasmEdge_ErrCategory / error codes (include/common/enum.inc; identical in 0.14 to 0.17)
 CATEGORY_WASM = 0x00
 ERR_SUCCESS = 0x00

@@ -33,6 +33,13 @@ How the WasmEdge pieces map onto that contract:
   5x on bench/engines.py's cpu-heavy guest against non-interruptible code) but the deadline is not
   optional. Elsewhere the interpreter runs the AST, and `RunResult.mode` says which. (WasmEdge falls
   back to the interpreter by itself if a compiled section fails to load; the C API does not report it.)
+- **Caps**: the configure context caps the pages of each memory; module_shape refuses modules with
+  more than one memory, or with GC types (whose objects WasmEdge allocates outside linear memory).
+  WasmEdge has no table limit at all, so a module whose tables could grow past the flow's
+  `table_elements` runs from a copy whose table section declares that maximum (parsed, or compiled,
+  once per distinct cap and kept with the module): table.grow past it fails inside WasmEdge.
+- **Halt**: a host call that ends the run (`RunContext.halt`) returns `WasmEdge_Result_Terminate`
+  from the trampoline, which unwinds the guest at once; the status comes from `RunContext.halted`.
 - **Memory safety**: every object we create is released exactly once, by a `_Releaser` that runs in
   reverse order of creation (AST, configure contexts, module instances, executor, store, async
   handles, function types). Names are passed as borrowed views over Python bytes, which WasmEdge
@@ -59,11 +66,12 @@ from typing import Any, Callable, Optional
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
-from wasmflow.host_functions.spec import Call, Code, HostError, HostFunction, RunContext, check_range, invoke
+from wasmflow.host_functions.spec import Call, Code, Halt, HostError, HostFunction, RunContext, check_range, invoke
 
 from . import wasmedge_capi as capi
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
+from .module_shape import ModuleShape, ModuleShapeError, cap_tables, inspect
 from .outcome import CappedBuffer, classify_failure
 from .wasmedge_capi import WASM_PAGE, WasmEdgeUnavailable
 
@@ -164,8 +172,9 @@ class _Dispatch:
         self.callback = capi.HOST_FUNC(self._trampoline)
 
     def _trampoline(self, data: Optional[int], frame: Optional[int], params: Any, returns: Any) -> int:
-        """Called by WasmEdge on the guest's thread. Returns WasmEdge_Result_Success always: failures
-        are error codes for the guest, so this must not raise, whatever happens."""
+        """Called by WasmEdge on the guest's thread. Returns WasmEdge_Result_Success, failures being
+        error codes for the guest, or WasmEdge_Result_Terminate when the call ended the run (`Halt`).
+        It must not raise, whatever happens."""
         try:
             fn = self.functions[(data or 0) - 1]
             result_type = fn.results[0] if fn.results else None
@@ -174,6 +183,8 @@ class _Dispatch:
             code = self._call(fn, frame, params)
             if result_type is not None:
                 _set_value(returns[0], code, result_type, self.lib)
+        except Halt:  # the run's status and reason are in its RunContext.halted
+            return capi.RESULT_TERMINATE
         except BaseException:  # noqa: BLE001 - nothing may unwind through C
             try:
                 log.exception("host function trampoline failed")
@@ -296,23 +307,39 @@ def _redirect_process_stdio(fds: tuple[int, int, int]):  # type: ignore[no-untyp
                 os.close(fd)
 
 
+_AS_WRITTEN = -1  # key of the module's own AST in WasmEdgeModule._asts (others: a table cap)
+
+
 @dataclass(eq=False)  # identity semantics: hashable, so the engine can track it weakly
 class WasmEdgeModule:
-    """A loaded module: its validated AST, shared by every run of the flow."""
+    """A loaded module: its validated AST, shared by every run of the flow, and the copies of it
+    whose tables are capped for a flow's `table_elements` (made on first need)."""
 
     flow_name: str
     path: Path
     mode: str  # "interpreter" or "aot"
     from_cache: bool
-    memory_min_pages: int
-    _ast: Optional[int] = field(default=None, repr=False)
+    shape: ModuleShape
+    _wasm: bytes = field(default=b"", repr=False)
+    _asts: dict[int, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _release: Optional[Callable[[], Any]] = field(default=None, repr=False)
 
+    @property
+    def _ast(self) -> Optional[int]:
+        return self._asts.get(_AS_WRITTEN)
+
     def _free(self) -> None:
-        """Free the AST (when the object is collected, or its engine closes after its last run)."""
-        self._ast = None
+        """Free the ASTs (when the object is collected, or its engine closes after its last run)."""
         if self._release is not None:
             self._release()
+        self._asts.clear()
+
+
+def _delete_asts(lib: capi.Lib, asts: dict[int, int]) -> None:
+    for ast in asts.values():
+        lib.WasmEdge_ASTModuleDelete(ast)
+    asts.clear()
 
 
 class WasmEdgeEngine:
@@ -447,6 +474,14 @@ class WasmEdgeEngine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the WasmEdge engine is closed")
+        try:
+            shape = inspect(wasm)
+        except ModuleShapeError as exc:
+            self.lib.WasmEdge_ASTModuleDelete(self._parse(wasm, flow_name, path))  # WasmEdge's own error first
+            raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {exc}") from None
+        refusal = shape.refusal()
+        if refusal:
+            raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {refusal}")
         code, from_cache = wasm, False
         if self.mode == "aot":
             # Validate first, so an invalid module gets the interpreter's error and is never compiled.
@@ -455,14 +490,29 @@ class WasmEdgeEngine:
         ast = self._parse(code, flow_name, path)
         try:
             self._link_check(ast, flow_name, path)
-            module = WasmEdgeModule(flow_name, path, self.mode, from_cache, _memory_min_pages(wasm), ast)
+            module = WasmEdgeModule(flow_name, path, self.mode, from_cache, shape, wasm, {_AS_WRITTEN: ast})
         except BaseException:
             self.lib.WasmEdge_ASTModuleDelete(ast)
             raise
         # Freed exactly once: when the module is collected, closed, or the engine closes.
-        module._release = weakref.finalize(module, self.lib.WasmEdge_ASTModuleDelete, ast)
+        module._release = weakref.finalize(module, _delete_asts, self.lib, module._asts)
         self._modules.add(module)
         return module
+
+    def _ast_for(self, module: WasmEdgeModule, per_table: int) -> int:
+        """The AST to run under a cap of `per_table` elements a table: the module's own where its
+        tables cannot grow past it, else a copy declaring that maximum (made once per cap)."""
+        if module.shape.tables_within(per_table):
+            return module._asts[_AS_WRITTEN]
+        with module._lock:
+            ast = module._asts.get(per_table)
+            if ast is None:
+                wasm = cap_tables(module._wasm, module.shape, per_table)
+                code = wasm
+                if self.mode == "aot":
+                    code, _ = self.cache.get_or_compile(wasm, lambda: self._compile(wasm, module.flow_name, module.path))
+                ast = module._asts[per_table] = self._parse(code, module.flow_name, module.path)
+            return ast
 
     def _compile(self, wasm: bytes, flow_name: str, path: Path) -> bytes:
         """AOT-compile into WasmEdge's universal-wasm format (only where the library has LLVM)."""
@@ -553,13 +603,15 @@ class WasmEdgeEngine:
         ctx = request.context()
         result = RunResult(status=Status.OK, run_id=ctx.run_id, engine=self.name, mode=module.mode)
         memory_bytes = [0]
-        if module.memory_min_pages * WASM_PAGE > limits.memory:
-            # WasmEdge would silently shrink the initial memory to the cap; wasmtime refuses. Refuse.
-            result.status = Status.OOM
-            result.error = (
-                f"out of memory: the module's initial memory of {module.memory_min_pages * WASM_PAGE // 1024**2} MiB "
-                f"is over the {limits.memory // 1024**2} MiB cap"
-            )
+        # Before anything is allocated; WasmEdge would also silently shrink an initial memory over the cap.
+        over = module.shape.over_caps(limits.memory, limits.table_elements)
+        if over:
+            result.status, result.error = Status.OOM, over
+            return result
+        try:
+            ast = self._ast_for(module, module.shape.per_table_cap(limits.table_elements))
+        except (ModuleError, ModuleShapeError) as exc:
+            result.status, result.error = Status.INVALID, str(exc)
             return result
         missing = [e.split(":")[0] for e in flow.allow.dirs if not os.path.isdir(e.split(":")[0])]
         if missing:  # WasmEdge would skip such a preopen silently; a flow's grant must not vanish quietly
@@ -569,15 +621,15 @@ class WasmEdgeEngine:
         stdio = _Stdio(request, limits.output, self.dev_null)
         try:
             if self._map_fds:
-                self._execute(module, request, ctx, stdio, result, memory_bytes)
+                self._execute(ast, request, ctx, stdio, result, memory_bytes)
             else:
                 with _redirect_process_stdio(stdio.fds):
-                    self._execute(module, request, ctx, stdio, result, memory_bytes)
+                    self._execute(ast, request, ctx, stdio, result, memory_bytes)
         finally:
             stdio.close()
-        result.stdout, result.stderr = stdio.stdout.value(), stdio.stderr.value()
+        result.stdout, result.stderr = stdio.stdout.value(ctx, "stdout"), stdio.stderr.value(ctx, "stderr")
         for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials",
-                     "upstream_failures"):
+                     "upstream_failures", "truncated"):
             setattr(result, attr, getattr(ctx, attr))
         if not result.ok:
             classify_failure(result, memory_bytes=memory_bytes[0], memory_cap=limits.memory)
@@ -602,7 +654,7 @@ class WasmEdgeEngine:
 
     def _execute(
         self,
-        module: WasmEdgeModule,
+        ast: int,
         request: RunRequest,
         ctx: RunContext,
         stdio: _Stdio,
@@ -627,7 +679,7 @@ class WasmEdgeEngine:
             self.host.open_run(ctx)
             owned.add(self.host.close_run, ctx)
             instance = ctypes.c_void_p()
-            res = lib.WasmEdge_ExecutorInstantiate(executor, ctypes.byref(instance), store, module._ast)
+            res = lib.WasmEdge_ExecutorInstantiate(executor, ctypes.byref(instance), store, ast)
             if instance.value:
                 owned.add(lib.WasmEdge_ModuleInstanceDelete, instance.value)
             if not lib.ok(res) or not instance.value:
@@ -681,6 +733,9 @@ class WasmEdgeEngine:
 
     def _outcome(self, res: capi.Result, timed_out: bool, wasi: int, ctx: RunContext, result: RunResult) -> None:
         lib = self.lib
+        if ctx.halted is not None:  # a host call ended the run (it returned Terminate): its limit decides
+            result.status, result.error = Status(ctx.halted[0]), ctx.halted[1]
+            return
         category, code = lib.code(res)
         if category == capi.CATEGORY_WASM and code == capi.ERR_SUCCESS:
             return
@@ -712,36 +767,3 @@ def _check(pointer: Optional[int], what: str) -> int:
     if not pointer:
         raise MemoryError(f"WasmEdge could not create {what}")
     return int(pointer)
-
-
-def _leb(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _memory_min_pages(wasm: bytes) -> int:
-    """Initial pages of the module's own memory 0, from its memory section (0 if it defines none).
-
-    Read from the binary because WasmEdge's limit accessors changed shape between 0.14 and 0.17, and
-    because WasmEdge clamps a minimum over the cap instead of refusing it, so it must be caught first.
-    """
-    try:
-        pos = 8
-        while pos < len(wasm):
-            section = wasm[pos]
-            size, pos = _leb(wasm, pos + 1)
-            if section == 5:
-                count, pos = _leb(wasm, pos)
-                if not count:
-                    return 0
-                return _leb(wasm, pos + 1)[0]  # skip the limits flag byte
-            pos += size
-    except IndexError:  # truncated: the validator has already refused it
-        pass
-    return 0

@@ -25,10 +25,11 @@ import wasmtime
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
-from wasmflow.host_functions.spec import Call, Code, HostFunction, RunContext, check_range, invoke
+from wasmflow.host_functions.spec import Call, Code, Halt, HostFunction, RunContext, check_range, invoke
 
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
+from .module_shape import ModuleShape, ModuleShapeError, inspect
 from .outcome import CappedBuffer, classify_failure
 
 log = logging.getLogger("wasmflow.engine.wasmtime")
@@ -87,6 +88,7 @@ class WasmtimeModule:
     module: wasmtime.Module
     pre: Any  # wasmtime.InstancePre
     from_cache: bool
+    shape: ModuleShape
 
 
 class WasmtimeEngine:
@@ -97,6 +99,10 @@ class WasmtimeEngine:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
+        # Store limits cap each memory, not their sum: a module with several memories would get the
+        # cap several times. Such modules are refused at load (module_shape); this makes sure none
+        # compiles even if that check were bypassed.
+        config.wasm_multi_memory = False
         self.engine = wasmtime.Engine(config)
         self.version = package_version("wasmtime")
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
@@ -131,15 +137,27 @@ class WasmtimeEngine:
             except wasmtime.WasmtimeError as exc:
                 raise ModuleError(f"flow {flow_name!r}: {path} is not a valid module: {_first_line(exc)}") from None
 
+        try:
+            shape = inspect(wasm)
+        except ModuleShapeError as exc:
+            compile_()  # wasmtime's own error for a malformed module says more than ours
+            raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {exc}") from None
+        refusal = shape.refusal()
+        if refusal:
+            raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {refusal}")
         serialized, from_cache = self.cache.get_or_compile(wasm, compile_)
-        module = wasmtime.Module.deserialize(self.engine, serialized)
+        try:
+            module = wasmtime.Module.deserialize(self.engine, serialized)
+        except wasmtime.WasmtimeError:  # compiled under another engine configuration: compile afresh
+            serialized, from_cache = self.cache.replace(wasm, compile_()), False
+            module = wasmtime.Module.deserialize(self.engine, serialized)
         try:
             pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: {_first_line(exc)}") from None
         if "_start" not in {e.name for e in module.exports}:
             raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
-        return WasmtimeModule(flow_name, path, module, pre, from_cache)
+        return WasmtimeModule(flow_name, path, module, pre, from_cache, shape)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -148,9 +166,15 @@ class WasmtimeEngine:
         limits = flow.limits
         ctx = request.context()
         result = RunResult(status=Status.OK, run_id=ctx.run_id, engine=self.name, mode="cranelift")
+        over = module.shape.over_caps(limits.memory, limits.table_elements)
+        if over:  # refused before anything is allocated (WasmEdge makes the same check)
+            result.status, result.error = Status.OOM, over
+            return result
         stdout, stderr = CappedBuffer(limits.output), CappedBuffer(limits.output)
         store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=limits.memory, table_elements=limits.table_elements, instances=10, memories=4)
+        # Per memory and per table, so: one memory (module_shape refuses more), tables sharing the cap.
+        store.set_limits(memory_size=limits.memory, table_elements=module.shape.per_table_cap(limits.table_elements),
+                         instances=1, memories=1, tables=max(1, len(module.shape.tables)))
         stdin_file = None
         try:
             wasi = wasmtime.WasiConfig()
@@ -186,9 +210,9 @@ class WasmtimeEngine:
         finally:
             if stdin_file is not None:
                 stdin_file.close()
-        result.stdout, result.stderr = stdout.value(), stderr.value()
+        result.stdout, result.stderr = stdout.value(ctx, "stdout"), stderr.value(ctx, "stderr")
         for attr in ("logs", "output", "response_status", "response_headers", "response_body", "denials",
-                     "upstream_failures"):
+                     "upstream_failures", "truncated"):
             setattr(result, attr, getattr(ctx, attr))
         if not result.ok:
             classify_failure(result, memory_bytes=result_memory(store, ctx), memory_cap=limits.memory)
@@ -209,6 +233,8 @@ class WasmtimeEngine:
                 start(store)
             finally:
                 result.run_ms = (time.perf_counter() - t1) * 1000
+        except Halt as exc:  # a host call ended the run (wasmtime-py re-raises the callback's exception)
+            result.status, result.error = Status(exc.status), exc.reason
         except wasmtime.ExitTrap as exc:
             result.exit_code = exc.code
             result.status = Status.OK if exc.code == 0 else Status.ERROR
@@ -227,6 +253,8 @@ class WasmtimeEngine:
         finally:
             _current.run = None
             self.host.close_run(ctx)
+        if ctx.halted is not None:  # whatever unwound the guest, the limit it hit decides the status
+            result.status, result.error = Status(ctx.halted[0]), ctx.halted[1]
 
 
 def _write_process_stdout(data: bytes) -> int:

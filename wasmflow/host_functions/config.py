@@ -6,6 +6,7 @@ Secrets are read from the host's environment at call time and only for names the
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from typing import Any, Mapping
@@ -14,7 +15,16 @@ from .spec import Call, Capability, Code, HostError, HostFunction, i32s, read_st
 
 
 def config_value_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    """A config value as the guest reads it: strings as written, dates as ISO text, the rest as JSON.
+
+    Never raises: flows.yaml gives JSON types only, but a Flow built in code may hold anything, and a
+    value the host cannot encode must not turn a guest's config_get into INTERNAL.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return json.dumps(value, default=str)
 
 
 def wasi_env(flow: Any, environ: Mapping[str, str] | None = None) -> dict[str, str]:

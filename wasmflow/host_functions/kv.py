@@ -2,11 +2,17 @@
 
 A flow must declare `allow.kv: true`; keys are private to the flow (the flow name is part of the
 primary key), so two flows never see each other's data.
+
+Besides get/set, two atomic operations, because concurrent runs of one flow doing get-then-set lose
+updates: `kv_increment` (a counter kept as decimal text) and `kv_cas` (compare-and-set on the value's
+bytes). Each is a single SQL statement, so SQLite's write lock or PostgreSQL's row lock serialises it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import struct
 import time
 
 import sqlalchemy as sa
@@ -14,11 +20,42 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from wasmflow.platform.db import kv_table
 
-from .spec import Call, Capability, Code, HostError, HostFunction, i32s, read_str, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, check_range, i32s, read_str, write_result
 
 MAX_KEY = 512
 MAX_VALUE = 1024 * 1024
 MAX_KEYS_LISTED = 1000
+ABSENT = 0xFFFFFFFF  # kv_cas: an expected length of u32::MAX means "the key must be absent"
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+_INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}")  # what kv_increment reads: canonical decimal, as it writes
+
+# One UPSERT per increment. An existing value is added to only if it is a canonical decimal integer
+# and the sum fits in 64 bits (the WHERE of DO UPDATE); otherwise no row comes back and nothing changes.
+_INCREMENT_SQL = {
+    "sqlite": """
+        INSERT INTO kv (flow, key, value, updated_at) VALUES (:p_flow, :p_key, :p_initial, :p_now)
+        ON CONFLICT (flow, key) DO UPDATE
+        SET value = CAST(CAST(CAST(CAST(kv.value AS TEXT) AS INTEGER) + :p_delta AS TEXT) AS BLOB),
+            updated_at = excluded.updated_at
+        WHERE CAST(CAST(CAST(kv.value AS TEXT) AS INTEGER) AS TEXT) = CAST(kv.value AS TEXT)
+          AND CASE WHEN :p_delta >= 0 THEN CAST(CAST(kv.value AS TEXT) AS INTEGER) <= 9223372036854775807 - :p_delta
+                   ELSE CAST(CAST(kv.value AS TEXT) AS INTEGER) >= (-9223372036854775807 - 1) - :p_delta END
+        RETURNING value""",
+    "postgresql": """
+        INSERT INTO kv (flow, key, value, updated_at) VALUES (:p_flow, :p_key, :p_initial, :p_now)
+        ON CONFLICT (flow, key) DO UPDATE
+        SET value = convert_to((encode(kv.value, 'escape')::numeric + :p_delta)::text, 'UTF8'),
+            updated_at = excluded.updated_at
+        WHERE CASE WHEN encode(kv.value, 'escape') ~ '^(0|-?[1-9][0-9]{0,18})$'
+                   THEN encode(kv.value, 'escape')::numeric + :p_delta
+                        BETWEEN -9223372036854775808 AND 9223372036854775807
+                   ELSE false END
+        RETURNING value""",
+}
+
+
+class KvValueError(ValueError):
+    """An atomic operation that cannot apply to the stored value (not an integer, or it would overflow)."""
 
 
 class KeyValueStore:
@@ -32,6 +69,8 @@ class KeyValueStore:
     _where = sa.and_(kv_table.c.flow == _flow, kv_table.c.key == _key)
     _get = sa.select(kv_table.c.value).where(_where)
     _delete = kv_table.delete().where(_where)
+    _swap = (kv_table.update().where(_where, kv_table.c.value == sa.bindparam("p_expected", type_=sa.LargeBinary))
+             .values(value=_value, updated_at=_now).returning(kv_table.c.key))
 
     def __init__(self, db: sa.Engine) -> None:
         self.db = db
@@ -43,6 +82,13 @@ class KeyValueStore:
             index_elements=[kv_table.c.flow, kv_table.c.key],
             set_={"value": insert.excluded.value, "updated_at": insert.excluded.updated_at},
         )
+        # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT DO NOTHING.
+        self._create = insert.on_conflict_do_nothing(index_elements=[kv_table.c.flow, kv_table.c.key]).returning(
+            kv_table.c.key
+        )
+        self._increment = sa.text(_INCREMENT_SQL[db.dialect.name]).bindparams(
+            sa.bindparam("p_initial", type_=sa.LargeBinary)
+        ).columns(value=sa.LargeBinary)
 
     def get(self, flow: str, key: str) -> bytes | None:
         with self.db.connect() as conn:
@@ -56,6 +102,38 @@ class KeyValueStore:
     def delete(self, flow: str, key: str) -> None:
         with self.db.begin() as conn:
             conn.execute(self._delete, {"p_flow": flow, "p_key": key})
+
+    def increment(self, flow: str, key: str, delta: int) -> int:
+        """Add `delta` to the integer stored as decimal text under `key` (absent: 0) and return the sum.
+
+        Atomic: concurrent increments of one key never lose one. KvValueError if the stored value is
+        not a canonical decimal integer (`-?[1-9][0-9]*` or `0`) or the sum leaves the i64 range.
+        """
+        if not I64_MIN <= delta <= I64_MAX:
+            raise KvValueError(f"the increment {delta} is outside the 64-bit range")
+        params = {"p_flow": flow, "p_key": key, "p_initial": str(delta).encode(), "p_delta": delta, "p_now": time.time()}
+        with self.db.begin() as conn:
+            row = conn.execute(self._increment, params).first()
+        if row is not None:
+            return int(bytes(row[0]))
+        current = self.get(flow, key) or b""
+        if _INTEGER.fullmatch(current) and I64_MIN <= int(current) <= I64_MAX:
+            raise KvValueError(f"adding {delta} to the value of {key!r} ({current.decode()}) would overflow 64 bits")
+        raise KvValueError(f"the value of {key!r} is not a decimal integer (kv_increment reads values like 42 or -7)")
+
+    def compare_and_set(self, flow: str, key: str, expected: bytes | None, value: bytes) -> bool:
+        """Set `key` to `value` only if its value is exactly `expected` (None: only if it is absent).
+
+        Atomic; returns whether the value was set. Comparing bytes, not a version, keeps the table as it
+        is and lets a guest swap from a value it read with kv_get.
+        """
+        params = {"p_flow": flow, "p_key": key, "p_value": value, "p_now": time.time()}
+        with self.db.begin() as conn:
+            if expected is None:
+                row = conn.execute(self._create, params).first()
+            else:
+                row = conn.execute(self._swap, {**params, "p_expected": expected}).first()
+        return row is not None
 
     def keys(self, flow: str, prefix: str = "", limit: int = MAX_KEYS_LISTED) -> list[str]:
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -81,6 +159,8 @@ class KeyValueCapability(Capability):
             HostFunction("wasmflow", "kv_set", i32s(4), ("i32",), self.kv_set),
             HostFunction("wasmflow", "kv_delete", i32s(2), ("i32",), self.kv_delete),
             HostFunction("wasmflow", "kv_keys", i32s(3), ("i32",), self.kv_keys),
+            HostFunction("wasmflow", "kv_increment", ("i32", "i32", "i64", "i32"), ("i32",), self.kv_increment),
+            HostFunction("wasmflow", "kv_cas", i32s(7), ("i32",), self.kv_cas),
         ]
 
     def _key(self, call: Call, ptr: int, length: int) -> str:
@@ -88,7 +168,15 @@ class KeyValueCapability(Capability):
             raise call.run.deny("key-value storage is not allowed (set allow.kv: true)")
         if (length & 0xFFFFFFFF) > MAX_KEY:
             raise HostError(Code.TOO_LARGE, f"key over {MAX_KEY} bytes")
-        return read_str(call.memory, ptr, length)
+        key = read_str(call.memory, ptr, length)
+        if "\0" in key:  # PostgreSQL cannot store it in text; refused on SQLite too, so both agree
+            raise HostError(Code.INVALID, "keys may not contain NUL characters")
+        return key
+
+    def _value(self, call: Call, ptr: int, length: int) -> bytes:
+        if (length & 0xFFFFFFFF) > MAX_VALUE:
+            raise HostError(Code.TOO_LARGE, f"value over {MAX_VALUE} bytes")
+        return call.memory.read(ptr, length)
 
     def kv_get(self, call: Call, key_ptr: int, key_len: int, out: int) -> int:
         key = self._key(call, key_ptr, key_len)
@@ -99,9 +187,7 @@ class KeyValueCapability(Capability):
 
     def kv_set(self, call: Call, key_ptr: int, key_len: int, val_ptr: int, val_len: int) -> int:
         key = self._key(call, key_ptr, key_len)
-        if (val_len & 0xFFFFFFFF) > MAX_VALUE:
-            raise HostError(Code.TOO_LARGE, f"value over {MAX_VALUE} bytes")
-        self.store.set(call.run.flow.name, key, call.memory.read(val_ptr, val_len))
+        self.store.set(call.run.flow.name, key, self._value(call, val_ptr, val_len))
         return Code.OK
 
     def kv_delete(self, call: Call, key_ptr: int, key_len: int) -> int:
@@ -111,3 +197,27 @@ class KeyValueCapability(Capability):
     def kv_keys(self, call: Call, prefix_ptr: int, prefix_len: int, out: int) -> int:
         prefix = self._key(call, prefix_ptr, prefix_len)
         return write_result(call, out, json.dumps(self.store.keys(call.run.flow.name, prefix)).encode())
+
+    def kv_increment(self, call: Call, key_ptr: int, key_len: int, delta: int, out: int) -> int:
+        """Add `delta` (i64) to the counter under the key; the new value is written at out as an i64."""
+        key = self._key(call, key_ptr, key_len)
+        check_range(call.memory.size(), out, 8)  # before the write to the database, not after
+        try:
+            value = self.store.increment(call.run.flow.name, key, delta)
+        except KvValueError as exc:
+            call.run.note(f"kv_increment: {exc}")
+            raise HostError(Code.INVALID, str(exc)) from None
+        call.memory.write(out, struct.pack("<q", value))
+        return Code.OK
+
+    def kv_cas(self, call: Call, key_ptr: int, key_len: int, exp_ptr: int, exp_len: int,
+               val_ptr: int, val_len: int, out: int) -> int:
+        """Set the key to the value if it holds exactly the expected bytes (length u32::MAX: if absent);
+        writes a u32 at out: 1 if it was set, 0 if not."""
+        key = self._key(call, key_ptr, key_len)
+        expected = None if (exp_len & 0xFFFFFFFF) == ABSENT else self._value(call, exp_ptr, exp_len)
+        value = self._value(call, val_ptr, val_len)
+        check_range(call.memory.size(), out, 4)
+        swapped = self.store.compare_and_set(call.run.flow.name, key, expected, value)
+        call.memory.write(out, struct.pack("<I", int(swapped)))
+        return Code.OK

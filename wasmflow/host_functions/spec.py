@@ -48,6 +48,22 @@ class HostError(Exception):
         self.message = message
 
 
+class Halt(Exception):
+    """Raised by `invoke` when a host call hit a limit that ends the whole run, not just the call.
+
+    A deadline that passes inside a back-end call, or a graph that would allocate past the flow's
+    memory cap, must stop the guest at once: returning an error code would let a guest that ignores
+    codes carry on. Each engine adapter turns this into its own way of unwinding the guest (wasmtime:
+    the exception propagates through the trampoline as a trap; WasmEdge: the host function returns
+    `Terminate`), and the run's status comes from `RunContext.halted`.
+    """
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class GuestMemory(Protocol):
     """Bounds-checked view of a guest's linear memory, valid for one host call."""
 
@@ -90,6 +106,8 @@ def read_json(mem: GuestMemory, ptr: int, length: int) -> Any:
         return json.loads(read_str(mem, ptr, length))
     except json.JSONDecodeError as exc:
         raise HostError(Code.INVALID, f"argument is not JSON: {exc}") from None
+    except RecursionError:  # a guest's thousands-deep array is its error, not ours
+        raise HostError(Code.INVALID, "argument is JSON nested too deeply") from None
 
 
 # Signature shorthand: every wasmflow and WASI-NN function takes and returns i32s.
@@ -114,7 +132,8 @@ class HostFunction:
 
 
 def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]") -> int:
-    """Run a host function body for an engine adapter: every failure becomes a code, never an exception.
+    """Run a host function body for an engine adapter: every failure becomes a code, never an exception,
+    except `Halt` when the call ended the run (`RunContext.halt`).
 
     Both engines call this, so they agree on what a refusal is: a bad pointer counts as a denial (the run
     ends `denied` if the guest then fails), and an UPSTREAM or TIMEOUT answer is remembered so that a run
@@ -122,16 +141,19 @@ def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]"
     """
     run = call.run
     try:
-        return int(fn.body(call, *args))
+        code = int(fn.body(call, *args))
     except HostError as err:
         if err.code == Code.BAD_POINTER:
             run.denials.append(f"{fn.module}::{fn.name}: {err.message}")
-        elif err.code in (Code.UPSTREAM, Code.TIMEOUT):
+        elif err.code in (Code.UPSTREAM, Code.TIMEOUT) and run.halted is None:
             run.upstream_failures.append(f"{fn.module}::{fn.name}: {err.message}")
-        return err.code
+        code = err.code
     except Exception:  # a bug of ours must not unwind through the engine
         _log.exception("host function %s::%s failed in run %s", fn.module, fn.name, run.run_id)
-        return int(Code.INTERNAL)
+        code = int(Code.INTERNAL)
+    if run.halted is not None:
+        raise Halt(*run.halted)
+    return code
 
 
 @dataclass
@@ -143,6 +165,7 @@ class Call:
 
 
 MAX_RESULTS = 64
+MAX_NOTES = 20  # host-written lines (why a call failed) per run: a guest repeating a bad call cannot fill the log
 
 
 @dataclass
@@ -158,6 +181,7 @@ class RunContext:
     event: "Event"
     run_id: str
     attempt: int = 1
+    execution: int = 1  # grows on every claim of the run, releases included: a key for idempotent effects
     deadline: float = float("inf")  # time.monotonic() value
     state: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[float, str, str]] = field(default_factory=list)
@@ -167,8 +191,11 @@ class RunContext:
     response_body: bytes | None = None
     denials: list[str] = field(default_factory=list)
     upstream_failures: list[str] = field(default_factory=list)  # calls that failed beyond the guest
+    halted: tuple[str, str] | None = None  # (status, reason) once a host-enforced limit ended the run
+    truncated: dict[str, int] = field(default_factory=dict)  # output kind -> items cut or refused at a cap
     _results: dict[int, bytes] = field(default_factory=dict)
     _next_handle: int = 1
+    _notes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def remaining(self) -> float:
@@ -178,6 +205,27 @@ class RunContext:
         """Record a refusal (it decides the run's status if the guest then fails) and return the error."""
         self.denials.append(reason)
         return HostError(Code.DENIED, reason)
+
+    def note(self, message: str, level: str = "warn") -> None:
+        """Log a host-side line into the run, e.g. why a call was refused (the guest only gets a code).
+
+        At most MAX_NOTES per run, then one line saying the rest were dropped.
+        """
+        self._notes += 1
+        if self._notes <= MAX_NOTES:
+            self.logs.append((time.time(), level, f"wasmflow: {message}"))
+        elif self._notes == MAX_NOTES + 1:
+            self.logs.append((time.time(), "warn", f"wasmflow: more than {MAX_NOTES} host messages; the rest are dropped"))
+
+    def halt(self, status: str, reason: str) -> HostError:
+        """End the run with `status` ("timeout" or "oom") once the current host call returns.
+
+        Returns the error for the call to raise; `invoke` then raises `Halt` so the engine unwinds the
+        guest at once, and the engine reports `status` whatever the guest would have done next.
+        """
+        if self.halted is None:
+            self.halted = (status, reason)
+        return HostError(Code.TIMEOUT if status == "timeout" else Code.LIMIT, reason)
 
     def put_result(self, data: bytes) -> tuple[int, int]:
         if len(self._results) >= MAX_RESULTS:

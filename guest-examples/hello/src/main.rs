@@ -1,6 +1,6 @@
 //! hello: the smallest agent that touches every everyday capability.
 //!
-//! Reads the event (name and JSON body), counts its runs in key-value storage (`count`), reads the
+//! Reads the event (name and JSON body), counts its runs in key-value storage (`count`, atomically), reads the
 //! `greeting` config value (default "Hello") and sets a JSON output. Started by an HTTP trigger, it
 //! also answers the request with the same JSON.
 
@@ -16,16 +16,11 @@ fn who(body: &Value) -> String {
         .to_string()
 }
 
-/// The previous count: a decimal string, as this agent stores it (0 when absent or unreadable).
-fn previous_count() -> wasmflow::Result<u64> {
-    Ok(kv::get_str("count")?.and_then(|s| s.trim().parse().ok()).unwrap_or(0))
-}
-
 fn run() -> wasmflow::Result<()> {
     let name = event::name()?;
     let body = event::json().unwrap_or(Value::Null);
-    let count = previous_count()? + 1;
-    kv::set("count", count.to_string())?;
+    // Atomic: runs of this flow at the same time each get their own number (a get then a set would not).
+    let count = kv::increment("count", 1)?;
     let greeting = config::get("greeting")?.unwrap_or_else(|| "Hello".to_string());
     let who = who(&body);
     info!("{}, {}! event {} (run {} of this flow)", greeting, who, name, count);

@@ -46,6 +46,19 @@ extern "C" {
     pub fn kv_set(key_ptr: *const u8, key_len: usize, value_ptr: *const u8, value_len: usize) -> i32;
     pub fn kv_delete(key_ptr: *const u8, key_len: usize) -> i32;
     pub fn kv_keys(prefix_ptr: *const u8, prefix_len: usize, out: *mut u8) -> i32;
+    /// Writes the new value, an `i64`, at `out` (8 bytes).
+    pub fn kv_increment(key_ptr: *const u8, key_len: usize, delta: i64, out: *mut i64) -> i32;
+    /// `expected_len == usize::MAX` (u32::MAX): the key must be absent. Writes a `u32` at `out`:
+    /// 1 if the value was set, 0 if not.
+    pub fn kv_cas(
+        key_ptr: *const u8,
+        key_len: usize,
+        expected_ptr: *const u8,
+        expected_len: usize,
+        value_ptr: *const u8,
+        value_len: usize,
+        out: *mut u32,
+    ) -> i32;
 
     // Outbound HTTP: `out` receives two descriptors (16 bytes), the head then the body.
     pub fn http_request(
