@@ -72,10 +72,11 @@ class Runner:
         self.wasm = wasm
         self.modules: dict[str, object] = {}
 
-    def run(self, guest: str, args: list[str], models: list[str], dirs: list[str] = [], timeout: float = 300):  # noqa: B006
+    def run(self, guest: str, args: list[str], models: list[str], dirs: list[str] = [], timeout: float = 300,  # noqa: B006
+            load_bytes: bool = False):
         if guest not in self.modules:
             self.modules[guest] = self.engine.load(self.wasm[guest], "nn-test")
-        flow = Flow(name="nn-test", module="x.wasm", allow=Allow(models=models, dirs=dirs),
+        flow = Flow(name="nn-test", module="x.wasm", allow=Allow(models=models, dirs=dirs, nn={"load_bytes": load_bytes}),
                     limits=Limits(timeout=timeout, memory="1GiB", output="16MiB"))
         return self.engine.run(self.modules[guest], RunRequest(flow=flow, event=Event(name="test"), args=args))
 
@@ -183,7 +184,8 @@ def test_classify_onnx_guest(runner: Runner, tiny: dict[str, Path]) -> None:
     sess = ort.InferenceSession(str(tiny["onnx"]))
     probs, sums = sess.run(None, {"x": np.array([x], dtype=np.float32), "ids": np.array([[1, 2, 3, 4, 5]], dtype=np.int64)})
     for source in (["--model", "tiny-onnx"], ["--file", "/m/tiny.onnx"]):
-        r = runner.run("classify-onnx", [*source, *args], ["tiny-onnx"], dirs=[f"{tiny['dir']}:/m:ro"])
+        r = runner.run("classify-onnx", [*source, *args], ["tiny-onnx"], dirs=[f"{tiny['dir']}:/m:ro"],
+                       load_bytes=source[0] == "--file")  # the guest reads the file and passes its bytes
         assert r.status is Status.OK, (r.error, r.stderr)
         out = json.loads(r.stdout)
         assert np.allclose(out["outputs"][0], probs.ravel(), atol=1e-6)

@@ -91,8 +91,9 @@ def cap(tiny_models: dict[str, Path]) -> WasiNNCapability:
     c.close()
 
 
-def new_run(models: list[str] = ["default", "small", "tiny-onnx", "gone"], dirs: list[str] = []) -> RunContext:  # noqa: B006
-    flow = Flow(name="nn-test", module="x.wasm", allow=Allow(models=models, dirs=dirs))
+def new_run(models: list[str] = ["default", "small", "tiny-onnx", "gone"], dirs: list[str] = [],  # noqa: B006
+            load_bytes: bool = False) -> RunContext:
+    flow = Flow(name="nn-test", module="x.wasm", allow=Allow(models=models, dirs=dirs, nn={"load_bytes": load_bytes}))
     return RunContext(flow=flow, event=Event(name="test"), run_id="r1", deadline=time.monotonic() + 60)
 
 
@@ -210,7 +211,7 @@ def test_missing_model_file_is_model_not_found(cap: WasiNNCapability) -> None:
 
 
 def test_load_checks_encoding_target_and_builders(cap: WasiNNCapability, tiny_models: dict[str, Path]) -> None:
-    g = Guest(cap)
+    g = Guest(cap, new_run(load_bytes=True))
     gguf = tiny_models["gguf"].read_bytes()
     p, n = g.mem.put(gguf)
     arr, _ = g.mem.put(struct.pack("<II", p, n))
@@ -234,7 +235,7 @@ def test_load_checks_encoding_target_and_builders(cap: WasiNNCapability, tiny_mo
 
 
 def test_onnx_load_from_bytes_and_from_a_preopened_dir(cap: WasiNNCapability, tiny_models: dict[str, Path]) -> None:
-    g = Guest(cap, new_run(dirs=[f"{tiny_models['dir']}:/m:ro"]))
+    g = Guest(cap, new_run(dirs=[f"{tiny_models['dir']}:/m:ro"], load_bytes=True))
     p, n = g.mem.put(tiny_models["onnx"].read_bytes())
     arr, _ = g.mem.put(struct.pack("<II", p, n))
     assert g("load", arr, 1, 1, 0, OUT) == 0

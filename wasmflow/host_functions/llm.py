@@ -23,9 +23,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
 
-from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, i32s, read_json, write_result
+from pydantic import Field
+
+from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, i32s, write_result
+from .validate import GuestRequest, read_request
 
 log = logging.getLogger("wasmflow.llm")
 
@@ -33,7 +36,36 @@ MAX_MESSAGES_BYTES = 4 * 1024 * 1024
 MAX_CALLS = 50  # chat + embedding calls per run
 MAX_INPUTS = 256
 DEFAULT_MAX_TOKENS = 1024
-ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+# The request shapes, declared once: anything else is INVALID before an endpoint or model sees it.
+class ChatMessage(GuestRequest):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatRequest(GuestRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=1_000_000)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    response_format: Optional[Literal["json", "text"]] = None
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class EmbedRequest(GuestRequest):
+    input: Union[str, list[str]]
+
+
+CHAT_EXPECTED = ('{"messages": [{"role": "user", "content": "..."}], "max_tokens": 512, "temperature": 0.2, '
+                 '"top_p", "stop", "seed", "response_format": "json", "json_schema": {...}} (docs/abi.md)')
+EMBED_EXPECTED = '{"input": "text"} or {"input": ["text", ...]} (docs/abi.md)'
+SAMPLING = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+            "json_schema")
 
 
 @dataclass
@@ -87,8 +119,14 @@ class LlmCapability(Capability):
 
     def _fail(self, run: RunContext, code: int, message: str) -> HostError:
         """Failures are logged into the run (the operator sees why in `wasmflow logs`) and returned as a code."""
-        run.logs.append((time.time(), "warn", f"wasmflow: {message}"))
+        run.note(message)
         return HostError(code, message)
+
+    def _request(self, call: Call, ptr: int, length: int, model: Any, what: str, expected: str) -> Any:
+        try:
+            return read_request(call.memory, ptr, length, model, what, expected)
+        except HostError as err:
+            raise self._fail(call.run, err.code, err.message) from None
 
     def _client(self, run: RunContext, endpoint: Any) -> Any:
         import openai
@@ -147,19 +185,13 @@ class LlmCapability(Capability):
         run = call.run
         if (req_len & 0xFFFFFFFF) > MAX_MESSAGES_BYTES:
             raise HostError(Code.TOO_LARGE, "chat request over 4 MiB")
-        spec = read_json(call.memory, req_ptr, req_len)
         endpoint = self._endpoint(run, "chat")
-        messages = spec.get("messages") if isinstance(spec, dict) else None
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-            raise HostError(Code.INVALID, 'expected {"messages": [{"role": "user", "content": "..."}]}')
+        request: ChatRequest = self._request(call, req_ptr, req_len, ChatRequest, "llm_chat", CHAT_EXPECTED)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
         params: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS, **endpoint.options}
         params.pop("context", None)
-        for key in ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-                    "json_schema"):
-            if key in spec:
-                params[key] = spec[key]
-        want_json = spec.get("response_format") == "json"
+        params.update(request.model_dump(include=set(SAMPLING), exclude_none=True))
+        want_json = request.response_format == "json"
         state = self._count(run)
         started = time.monotonic()
         if endpoint.base_url:
@@ -210,8 +242,9 @@ class LlmCapability(Capability):
         try:
             llama = pool.acquire(max(0.1, run.remaining()))
         except Exception as exc:
-            raise self._fail(run, Code.TIMEOUT if run.remaining() <= 0 else Code.UPSTREAM,
-                             f"llm: no free context for {endpoint.model!r}: {exc}") from None
+            if run.remaining() <= 0:
+                raise run.halt("timeout", f"llm: deadline passed waiting for a context of {endpoint.model!r}") from None
+            raise self._fail(run, Code.UPSTREAM, f"llm: no free context for {endpoint.model!r}: {exc}") from None
         try:
             kwargs = {k: v for k, v in params.items() if k in ("max_tokens", "temperature", "top_p", "stop", "seed",
                                                               "presence_penalty", "frequency_penalty", "top_k",
@@ -249,7 +282,7 @@ class LlmCapability(Capability):
             if close is not None:
                 close()  # ends llama-cpp-python's generator, and with it the generation
             if finish == "time" and run.remaining() <= 0:
-                raise self._fail(run, Code.TIMEOUT, "llm: the run's deadline passed during generation")
+                raise run.halt("timeout", "llm: the run's deadline passed during generation")
         except HostError:
             raise
         except ValueError as exc:  # llama-cpp-python: "Requested tokens (...) exceed context window"
@@ -265,13 +298,11 @@ class LlmCapability(Capability):
         run = call.run
         if (req_len & 0xFFFFFFFF) > MAX_MESSAGES_BYTES:
             raise HostError(Code.TOO_LARGE, "embedding request over 4 MiB")
-        spec = read_json(call.memory, req_ptr, req_len)
         endpoint = self._endpoint(run, "embeddings")
-        inputs = spec.get("input") if isinstance(spec, dict) else None
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
-            raise HostError(Code.INVALID, 'expected {"input": "text"} or {"input": ["text", ...]}')
+        request: EmbedRequest = self._request(call, req_ptr, req_len, EmbedRequest, "llm_embed", EMBED_EXPECTED)
+        inputs = [request.input] if isinstance(request.input, str) else list(request.input)
+        if not inputs:
+            raise self._fail(run, Code.INVALID, f"llm_embed: input is an empty list; expected {EMBED_EXPECTED}")
         if len(inputs) > MAX_INPUTS:
             raise HostError(Code.LIMIT, f"more than {MAX_INPUTS} inputs in one call")
         state = self._count(run)
@@ -288,9 +319,20 @@ class LlmCapability(Capability):
             if getattr(model, "backend", "") != "ggml":
                 raise self._fail(run, Code.INVALID, f"llm: model {endpoint.model!r} is not a GGUF embedding model")
             pool = model.pool()
-            llama = pool.acquire(max(0.1, run.remaining()))
             try:
-                vectors = [list(map(float, _mean(llama.embed(text)))) for text in inputs]
+                llama = pool.acquire(max(0.1, run.remaining()))
+            except Exception as exc:
+                if run.remaining() <= 0:
+                    raise run.halt("timeout", f"llm: deadline passed waiting for {endpoint.model!r}") from None
+                raise self._fail(run, Code.UPSTREAM, f"llm: no free context for {endpoint.model!r}: {exc}") from None
+            try:
+                vectors = []
+                for text in inputs:  # one decode per input: the deadline is checked between them
+                    if run.remaining() <= 0:
+                        raise run.halt("timeout", "llm: the run's deadline passed during embedding")
+                    vectors.append(list(map(float, _mean(llama.embed(text)))))
+            except HostError:
+                raise
             except Exception as exc:
                 raise self._fail(run, Code.INTERNAL, f"llm: local embedding failed: {exc}") from None
             finally:

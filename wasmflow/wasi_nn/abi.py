@@ -47,6 +47,21 @@ class NNFailure(Exception):
         self.message = message or code.name.lower()
 
 
+class NNDenied(NNFailure):
+    """The call asked for something the flow was not granted (or a model that names a host file): the
+    capability records the refusal with the run, so a run that then fails is reported `denied`."""
+
+
+class NNHalt(NNFailure):
+    """A back-end call hit a limit that ends the whole run: the deadline ("timeout") or the memory cap
+    ("oom"). The capability records it with `RunContext.halt`, so the engine stops the guest at once
+    and the run ends with `status` whatever the guest would have done with the error code."""
+
+    def __init__(self, status: str, message: str, code: NNError = NNError.RUNTIME_ERROR) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
 class Encoding(enum.IntEnum):
     OPENVINO = 0
     ONNX = 1

@@ -3,7 +3,8 @@
 `exec` runs any WASI command module the way `wasmedge` does (`wasmedge --dir .:. --nn-preload
 default:GGML:AUTO:model.gguf app.wasm ARGS...` becomes `wasmflow exec app.wasm --dir .:. --nn-preload
 default:GGML:AUTO:model.gguf -- ARGS...`): arguments, stdin, stdout and stderr pass straight through and
-the guest's exit code is the command's. It needs no flows.yaml; every preloaded model is allowed.
+the guest's exit code is the command's. It needs no flows.yaml; every preloaded model is allowed, and
+so is `load` with model bytes (the module is the operator's own, as under wasmedge).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def exec_command(module: Path, preloads: tuple[str, ...], envs: tuple[str, ...],
     """Run a WASI command MODULE like `wasmedge` does, with WASI-NN; ARGS go to the guest (after --)."""
     from wasmflow.engine import make_engine
     from wasmflow.engine.base import ModuleError, RunRequest, Status
-    from wasmflow.flows.model import Allow, Flow, Limits
+    from wasmflow.flows.model import Allow, Flow, Limits, NnAllow, parse_size
     from wasmflow.host_functions import Host
     from wasmflow.host_functions.spec import Event
 
@@ -136,7 +137,9 @@ def exec_command(module: Path, preloads: tuple[str, ...], envs: tuple[str, ...],
 
     host = Host([WasiNNCapability(registry, stdout=passthrough)])
     try:
-        flow = Flow(name="exec", module=str(module), allow=Allow(models=registry.names(), dirs=dir_specs),
+        # Like wasmedge, a module run by hand may load model bytes of any size its memory can hold.
+        nn = NnAllow(load_bytes=True, max_bytes=min(parse_size(memory), 4 * 1024**3))
+        flow = Flow(name="exec", module=str(module), allow=Allow(models=registry.names(), dirs=dir_specs, nn=nn),
                     limits=Limits(timeout=timeout, memory=memory))
     except Exception as exc:
         err.print(f"[red]error:[/red] {exc}")

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
 
-from .abi import NNError, NNFailure
+from .abi import NNError, NNFailure, NNHalt
 
 LLAMA_BUILD_NUMBER = 0  # llama-cpp-python does not expose llama.cpp's build number; see llama_commit
 
@@ -416,10 +416,12 @@ class GgmlModel:
 
     backend = "ggml"
 
-    def __init__(self, name: str, path: str, base: GgmlParams = GgmlParams(), pool_size: int = 1, max_variants: int = 4) -> None:
+    def __init__(self, name: str, path: str, base: GgmlParams = GgmlParams(), pool_size: int = 1, max_variants: int = 4,
+                 guest: Any = None) -> None:
         self.name = name
         self.path = path
         self.base = base
+        self.guest = guest  # a GgufInfo when the bytes came from a guest: its contexts are held to the memory limit
         self.pool_size = pool_size
         self.max_variants = max_variants
         self._pools: "OrderedDict[InstanceParams, LlamaPool]" = OrderedDict()
@@ -470,6 +472,19 @@ class GgmlModel:
         self._vocab_instance()
         if warm:
             self.pool().warm()
+
+    def check_memory(self, params: InstanceParams, memory: Optional[int]) -> None:
+        """For a guest's GGUF: refuse (`oom`) a context that would need more than the flow's memory
+        limit, before llama.cpp allocates its KV cache. Operators' models are not limited here."""
+        if self.guest is None or memory is None:
+            return
+        from .gguf_guard import mib
+
+        p = self._normalise(params)
+        need = self.guest.context_need(p.ctx_size, p.batch_size, p.ubatch_size)
+        if need > memory:
+            raise NNHalt("oom", f"guest model {self.name}: a context of {p.ctx_size} tokens needs about {mib(need)}, over the "
+                                f"flow's memory limit of {mib(memory)}", NNError.TOO_LARGE)
 
     def tokenizer(self) -> Any:
         """Tokenization reads only the vocabulary, so it needs no context lease."""
@@ -582,10 +597,12 @@ class Generation:
     `Llama.generate` (the same sampler chain a direct caller gets).
     """
 
-    def __init__(self, llama: Any, prompt: list[int], sp: SamplingParams, n_ctx: Optional[int] = None) -> None:
+    def __init__(self, llama: Any, prompt: list[int], sp: SamplingParams, n_ctx: Optional[int] = None,
+                 deadline: Optional[Callable[[], float]] = None) -> None:
         self.llama = llama
         self.prompt = prompt
         self.sp = sp
+        self.deadline = deadline  # seconds left in the run; checked between decode steps
         # llama.cpp pads a context to a multiple of 256; the limit a guest asked for is the one it gets.
         self.n_ctx = min(int(llama.n_ctx()), n_ctx) if n_ctx else int(llama.n_ctx())
         self.tokens: list[int] = []
@@ -609,6 +626,7 @@ class Generation:
             llama, sp = self.llama, self.sp
             llama.reset()
             llama.set_seed(sp.seed)
+            self._prefill()
             self._gen = llama.generate(
                 self.prompt,
                 top_k=sp.top_k,
@@ -624,6 +642,7 @@ class Generation:
         if 0 <= self.sp.n_predict <= len(self.tokens):
             self.done = NNError.END_OF_SEQUENCE
             return self.done, b""
+        self.check_deadline("generation")
         if len(self.prompt) + len(self.tokens) >= self.n_ctx:  # prompt and answer share the window
             self.done = NNError.CONTEXT_FULL
             return self.done, b""
@@ -645,6 +664,21 @@ class Generation:
             self.done = NNError.END_OF_SEQUENCE  # this token still counts and is returned
         return NNError.SUCCESS, piece
 
+    def check_deadline(self, what: str) -> None:
+        if self.deadline is not None and self.deadline() <= 0:
+            raise NNHalt("timeout", f"the run's deadline passed during {what}")
+
+    def _prefill(self) -> None:
+        """Evaluate a long prompt a batch at a time, checking the deadline between batches, so a long
+        prompt overruns the deadline by one batch at most. Only whole batches before the last are
+        evaluated here: `generate` finds them cached and evaluates the rest, so the batches (and the
+        numbers) are those of one `eval` of the whole prompt."""
+        n_batch = max(1, int(self.llama.n_batch))
+        full = (len(self.prompt) - 1) // n_batch * n_batch
+        for start in range(0, full, n_batch):
+            self.check_deadline("prompt evaluation")
+            self.llama.eval(self.prompt[start : start + n_batch])
+
     def close(self) -> None:
         if self._gen is not None:
             try:
@@ -654,11 +688,14 @@ class Generation:
             self._gen = None
 
 
-def embed_tokens(llama: Any, tokens: list[int]) -> list[float]:
-    """Sentence embedding of one token sequence (the model's pooling), L2-normalised like WasmEdge."""
+def embed_tokens(llama: Any, tokens: list[int], deadline: Optional[Callable[[], float]] = None) -> list[float]:
+    """Sentence embedding of one token sequence (the model's pooling), L2-normalised like WasmEdge.
+    One decode of at most a batch; it does not start once the run's deadline has passed."""
     llama_cpp = _llama_cpp()
     import numpy as np
 
+    if deadline is not None and deadline() <= 0:
+        raise NNHalt("timeout", "the run's deadline passed before the embedding")
     if len(tokens) > llama.n_batch:
         raise NNFailure(NNError.PROMPT_TOO_LONG, f"{len(tokens)} tokens exceed the batch size {llama.n_batch}")
     n_embd = llama.n_embd()
@@ -696,7 +733,8 @@ class GgmlExecution:
     model: GgmlModel
     params: GgmlParams
     write_stdout: Callable[[bytes], None]
-    deadline: Callable[[], float]  # seconds left in the run (for queueing on the pool)
+    deadline: Callable[[], float]  # seconds left in the run (queueing on the pool, decode steps)
+    memory: Optional[int] = None  # the flow's memory limit: a guest's GGUF contexts must fit in it
     prompt: list[int] = field(default_factory=list)
     output: bytes = b""
     output_tokens: int = 0
@@ -720,8 +758,16 @@ class GgmlExecution:
 
     def _borrow(self) -> Any:
         if self._lease is None:
+            if self.deadline() <= 0:
+                raise NNHalt("timeout", f"the run's deadline passed before a llama context of {self.model.name} was free")
+            self.model.check_memory(self.params.instance, self.memory)
             pool = self.model.pool(self.params.instance)
-            inst = pool.acquire(max(0.0, self.deadline()))
+            try:
+                inst = pool.acquire(max(0.0, self.deadline()))
+            except NNFailure as exc:
+                if exc.code == NNError.BUSY and self.deadline() <= 0:
+                    raise NNHalt("timeout", f"the run's deadline passed waiting for a llama context of {self.model.name}") from None
+                raise
             self._lease = (pool, inst)
         return self._lease[1]
 
@@ -746,15 +792,13 @@ class GgmlExecution:
         llama = self._borrow()
         try:
             if self.params.instance.embedding:
-                vec = embed_tokens(llama, self.prompt)
+                vec = embed_tokens(llama, self.prompt, self.deadline)
                 self.output = json.dumps({"n_embedding": len(vec), "embedding": vec}, separators=(",", ":")).encode()
                 self.output_tokens = 0
                 return NNError.SUCCESS
-            gen = Generation(llama, self.prompt, self.params.sampling, self.params.instance.ctx_size)
+            gen = Generation(llama, self.prompt, self.params.sampling, self.params.instance.ctx_size, self.deadline)
             try:
                 while True:
-                    if self.deadline() <= 0:
-                        raise NNFailure(NNError.RUNTIME_ERROR, "the run's deadline passed during generation")
                     code, piece = gen.step()
                     if piece and self.params.sampling.stream_stdout:
                         self.write_stdout(piece)
@@ -776,7 +820,7 @@ class GgmlExecution:
             raise NNFailure(NNError.UNSUPPORTED_OPERATION, "compute_single does not apply to embeddings")
         if self._stream is None:
             llama = self._borrow()
-            self._stream = Generation(llama, self.prompt, self.params.sampling, self.params.instance.ctx_size)
+            self._stream = Generation(llama, self.prompt, self.params.sampling, self.params.instance.ctx_size, self.deadline)
             self.output = b""
             self.output_tokens = 0
         code, piece = self._stream.step()

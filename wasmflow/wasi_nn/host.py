@@ -10,12 +10,20 @@ maximum of 0 (what LlamaEdge passes) gets the whole output if it fits in the gue
 A model outside `allow.models` answers not_found, the same as a model that does not exist, and records a
 denial: the guest learns nothing about what else the host has loaded, and a run that then fails is
 reported as `denied`, which is what an operator needs to see.
+
+A model from the guest (bytes given to `load`, or a file in the flow's `allow.dirs`) is a capability
+of its own, `allow.nn.load_bytes` (at most `allow.nn.max_bytes`); without it `load` answers
+unsupported_operation and records a denial. Such a model is untrusted input: it may name no host file,
+and what it allocates is held to the flow's `limits.memory` (`onnx_guard.py`, `gguf_guard.py`). Every
+back-end call, on any model, stops at the run's deadline; a limit hit inside a call ends the run
+(`RunContext.halt`) with status `timeout` or `oom`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -27,8 +35,10 @@ from .abi import (
     MODULE,
     TENSOR_STRUCT,
     Encoding,
+    NNDenied,
     NNError,
     NNFailure,
+    NNHalt,
     Target,
     Tensor,
     tensor_type_word,
@@ -41,6 +51,8 @@ MAX_BUILDERS = 16
 MAX_GRAPHS = 64
 MAX_CONTEXTS = 64
 MAX_WAIT = 3600.0  # seconds a run may queue for a llama context when it has no deadline
+REFERENCE_MAX = 4096  # an ONNX builder shorter than this that reads as a path is a path, not model bytes
+DEFAULT_MEMORY = 256 * 1024**2  # a flow without limits (tests driving the capability directly)
 
 
 @dataclass
@@ -116,6 +128,10 @@ def _nn(fn_name: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
             try:
                 return int(body(self, mem, c.run, *args))
             except NNFailure as exc:
+                if isinstance(exc, NNHalt):  # a limit hit inside the call ends the run
+                    c.run.halt(exc.status, f"wasi_ephemeral_nn::{fn_name}: {exc.message}")
+                elif isinstance(exc, NNDenied):
+                    c.run.denials.append(f"wasi_ephemeral_nn::{fn_name}: {exc.message}")
                 if exc.code not in (NNError.END_OF_SEQUENCE, NNError.CONTEXT_FULL):
                     log.info("wasi-nn %s in run %s: %s (%s)", fn_name, c.run.run_id, exc.message, exc.code.name.lower())
                 return int(exc.code)
@@ -254,18 +270,68 @@ class WasiNNCapability(Capability):
         state.by_name[name] = gid
         return gid
 
-    def _map_guest_path(self, run: RunContext, guest_path: str) -> Optional[str]:
-        """A path the guest can name through its preopened dirs, as the host path (else None)."""
+    @staticmethod
+    def _limits(run: RunContext) -> Any:
+        from .onnx_backend import RunLimits
+
+        memory = getattr(getattr(run.flow, "limits", None), "memory", None)
+        return RunLimits(deadline=run.deadline, memory=int(memory) if memory else DEFAULT_MEMORY)
+
+    @staticmethod
+    def _may_load_bytes(run: RunContext, size: int, what: str) -> None:
+        """Loading a model the guest supplies needs `allow.nn.load_bytes`, and at most `max_bytes`."""
+        nn = getattr(getattr(run.flow, "allow", None), "nn", None)
+        flow = getattr(run.flow, "name", "?")
+        if nn is None or not nn.load_bytes:
+            raise NNDenied(NNError.UNSUPPORTED_OPERATION,
+                           f"loading {what} needs `allow.nn: {{load_bytes: true}}` in flow {flow!r}; "
+                           f"or load a model of allow.models by name")
+        if size > nn.max_bytes:
+            raise NNDenied(NNError.TOO_LARGE, f"{what} is {size} bytes, over allow.nn.max_bytes ({nn.max_bytes}) of flow {flow!r}")
+
+    def _map_guest_path(self, run: RunContext, guest_path: str) -> Optional[tuple[str, str]]:
+        """(host path, host root) for a path the guest can name through its preopened dirs, else None.
+        The path is resolved (symlinks, `..`) and must stay inside the directory it starts in."""
         allow = getattr(run.flow, "allow", None)
         for item in getattr(allow, "dirs", []) or []:
             host, guest, *_ = item.split(":")
             guest = guest.rstrip("/") or "/"
             if guest_path == guest or guest_path.startswith(guest.rstrip("/") + "/"):
                 rel = guest_path[len(guest):].lstrip("/")
-                candidate = os.path.realpath(os.path.join(host, rel))
-                if candidate == os.path.realpath(host) or candidate.startswith(os.path.realpath(host) + os.sep):
-                    return candidate
+                root = os.path.realpath(host)
+                candidate = os.path.realpath(os.path.join(root, rel))
+                if candidate == root or candidate.startswith(root + os.sep):
+                    return candidate, root
         return None
+
+    def _read_guest_file(self, run: RunContext, text: str) -> bytes:
+        """The bytes of a model file inside the flow's `allow.dirs`, read so that what is read is what
+        was checked: opened without following a final symlink, then the opened file's own path
+        (/proc/self/fd) checked against the directory again, and only a regular file."""
+        mapped = self._map_guest_path(run, text)
+        if mapped is None:
+            raise NNDenied(NNError.MODEL_NOT_FOUND, f"{text} is outside the flow's allow.dirs")
+        host_path, root = mapped
+        self._may_load_bytes(run, 0, f"the model file {text}")
+        try:
+            fd = os.open(host_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            raise NNFailure(NNError.MODEL_NOT_FOUND, f"no model at {text}") from None
+        try:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                opened = host_path
+            if not (opened == root or opened.startswith(root + os.sep)):
+                raise NNDenied(NNError.MODEL_NOT_FOUND, f"{text} resolves outside the flow's allow.dirs")
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NNFailure(NNError.MODEL_NOT_FOUND, f"no model at {text} (not a regular file)")
+            self._may_load_bytes(run, info.st_size, f"the model file {text}")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                return fh.read(info.st_size)
+        finally:
+            os.close(fd)
 
     def _stdout_writer(self, run: RunContext) -> Callable[[bytes], None]:
         """stream-stdout prints into the guest's stdout: the engine's writer when it offers one
@@ -313,7 +379,10 @@ class WasiNNCapability(Capability):
         if not mem.fits(out_graph, 4):
             raise mem._oob(out_graph, 4)
         raw = mem.read(builders_ptr, BUILDER_STRUCT.size * count)
-        builders = [mem.read(*BUILDER_STRUCT.unpack_from(raw, i * BUILDER_STRUCT.size)) for i in range(count)]
+        ranges = [BUILDER_STRUCT.unpack_from(raw, i * BUILDER_STRUCT.size) for i in range(count)]
+        for ptr, length in ranges:
+            if not mem.fits(ptr, length):
+                raise mem._oob(ptr, length)
         try:
             enc = Encoding(encoding & 0xFFFFFFFF)
         except ValueError:
@@ -324,14 +393,36 @@ class WasiNNCapability(Capability):
             raise NNFailure(NNError.INVALID_ARGUMENT, f"unknown target {target}") from None
         if tgt == Target.AUTO:
             raise NNFailure(NNError.INVALID_ARGUMENT, "load does not take target AUTO (it comes only from a preload)")
+        if enc not in (Encoding.GGML, Encoding.ONNX):
+            raise NNFailure(NNError.INVALID_ENCODING, f"encoding {enc.name} has no back end here (GGML and ONNX do)")
+        ptr, length = ranges[0]
+        head = mem.read(ptr, min(length, REFERENCE_MAX))
+        if not self._is_reference(enc, head, length):  # model bytes: a capability of its own, checked first
+            self._may_load_bytes(run, length, f"{enc.name} model bytes")
+        builders = [head if length <= REFERENCE_MAX and i == 0 else mem.read(p, n) for i, (p, n) in enumerate(ranges)]
         if enc == Encoding.GGML:
             gid = self._load_ggml(run, builders, tgt)
-        elif enc == Encoding.ONNX:
-            gid = self._load_onnx(run, builders, tgt)
         else:
-            raise NNFailure(NNError.INVALID_ENCODING, f"encoding {enc.name} has no back end here (GGML and ONNX do)")
+            gid = self._load_onnx(run, builders, tgt)
         mem.put_u32(out_graph, gid)
         return NNError.SUCCESS
+
+    @staticmethod
+    def _onnx_path(data: bytes) -> Optional[str]:
+        """Builder 0 of an ONNX load as a path (short UTF-8 text that looks like one), else None."""
+        if len(data) >= REFERENCE_MAX:
+            return None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return text if text.startswith("/") or text.endswith(".onnx") else None
+
+    def _is_reference(self, enc: Encoding, head: bytes, length: int) -> bool:
+        """Does builder 0 name a model (a configured one, or a file) rather than carry its bytes?"""
+        if enc == Encoding.GGML:
+            return head.startswith(b"preload:")
+        return length < REFERENCE_MAX and self._onnx_path(head) is not None
 
     def _load_ggml(self, run: RunContext, builders: list[bytes], target: Target) -> int:
         from .ggml_backend import parse_metadata_bytes
@@ -350,37 +441,29 @@ class WasiNNCapability(Capability):
             if not weights.startswith(b"GGUF"):
                 raise NNFailure(NNError.INVALID_ARGUMENT, "builder 0 is neither preload:<path> nor GGUF bytes")
             model = self.registry.anonymous(Encoding.GGML, target, weights)
+            cap = self._limits(run).memory
+            if model.guest.vocab_need() > cap:
+                from .gguf_guard import mib
+
+                raise NNHalt("oom", f"guest model {model.name} needs about {mib(model.guest.vocab_need())} to open, over the "
+                                    f"flow's memory limit of {mib(cap)}", NNError.TOO_LARGE)
         params = model.base if config is None else parse_metadata_bytes(model.base, config)
         model.load(warm=False)
         return self._add_graph(run, GraphHandle(model, Encoding.GGML, model.name, params))
 
     def _load_onnx(self, run: RunContext, builders: list[bytes], target: Target) -> int:
         data = builders[0]
-        text: Optional[str] = None
-        if len(data) < 4096:
-            try:
-                candidate = data.decode("utf-8")
-                if candidate.startswith("/") or candidate.endswith(".onnx"):
-                    text = candidate
-            except UnicodeDecodeError:
-                pass
+        text = self._onnx_path(data)
         if text is not None:  # a path: a configured model's, or a file in the flow's preopened dirs
             entry = self.registry.by_path(text)
             if entry is not None and entry.encoding == Encoding.ONNX:
                 self._check_allowed(run, entry.name)
                 model = self.registry.model(entry.name)
-            else:
-                host_path = self._map_guest_path(run, text)
-                if host_path is None:
-                    run.denials.append(f"wasi_ephemeral_nn::load: {text} is outside the flow's dirs")
-                    raise NNFailure(NNError.MODEL_NOT_FOUND, f"no model at {text}")
-                if not os.path.isfile(host_path):
-                    raise NNFailure(NNError.MODEL_NOT_FOUND, f"no model at {text}")
-                with open(host_path, "rb") as fh:
-                    model = self.registry.anonymous(Encoding.ONNX, target, fh.read())
-        else:
-            model = self.registry.anonymous(Encoding.ONNX, target, data)
-        model.load()
+                model.load()
+                return self._add_graph(run, GraphHandle(model, Encoding.ONNX, model.name))
+            data = self._read_guest_file(run, text)  # the guest's own file: as untrusted as its bytes
+        model = self.registry.anonymous(Encoding.ONNX, target, data)
+        model.prepare(self._limits(run))
         return self._add_graph(run, GraphHandle(model, Encoding.ONNX, model.name))
 
     @_nn("load_by_name")
@@ -418,11 +501,12 @@ class WasiNNCapability(Capability):
                 g.params,
                 self._stdout_writer(run),
                 lambda: min(run.remaining(), MAX_WAIT),
+                self._limits(run).memory,
             )
         else:
             from .onnx_backend import OnnxExecution
 
-            ctx = OnnxExecution(g.model)
+            ctx = OnnxExecution(g.model, self._limits(run))
         state.contexts.append(ctx)
         mem.put_u32(out_ctx, len(state.contexts) - 1)
         return NNError.SUCCESS

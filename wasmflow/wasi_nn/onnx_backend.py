@@ -7,20 +7,30 @@ dims and element type; `get_output` returns the raw little-endian bytes, as WASI
 
 An `InferenceSession` is safe to call from several threads at once, so runs share one per model
 without a lock; the per-run state is only the inputs and outputs of an execution context.
+
+Every compute stops at the run's deadline: a timer sets `RunOptions.terminate`, which ONNX Runtime
+checks between nodes and between iterations of a Loop, and the call then ends the run `timeout`.
+A graph a guest supplied (`GuestOnnxModel`) is also held to the flow's memory limit: it is checked
+in a capped child before the host loads it and before each new set of input shapes runs
+(`onnx_guard.py`), and its session allocates from an arena of its own whose `max_mem` is that limit,
+so what the checks cannot foresee still ends the run `oom` instead of growing the host.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .abi import NNError, NNFailure, Tensor, TensorType
+from .abi import NNDenied, NNError, NNFailure, NNHalt, Tensor, TensorType
 
 ACCEPTED_INPUTS = {TensorType.F32, TensorType.F16, TensorType.U8, TensorType.I32, TensorType.I64}
 _ORT_TYPES = {
@@ -49,6 +59,68 @@ def providers(target: str) -> list[str]:
         chosen.append("CUDAExecutionProvider")
     chosen.append("CPUExecutionProvider")
     return chosen
+
+
+MAX_WAIT = 3600.0  # seconds a run without a deadline may wait for a guest graph's session
+VET_TIMEOUT = 120.0  # seconds a model check may take at most, whatever the deadline
+MAX_NODE_MACS = 2**37  # multiply-accumulates one uninterruptible node of a guest's graph may need
+MACS_PER_SECOND = 1e11  # a fast core's rate: a node needing more than the time left is refused
+MAX_SESSIONS = 4  # sessions (one per memory limit) kept per guest graph
+MAX_BOUNDS = 32  # input-shape sets whose check result is kept per guest graph
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What one run allows a compute: its deadline (a `time.monotonic()` value) and, for a guest's
+    graph, the bytes the graph may allocate (the flow's `limits.memory`)."""
+
+    deadline: float = float("inf")
+    memory: int = 256 * 1024**2
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class _Watch:
+    """Sets `RunOptions.terminate` when the deadline passes (one timer thread per compute)."""
+
+    def __init__(self, options: Any, deadline: float) -> None:
+        self.options = options
+        self.fired = False
+        delay = deadline - time.monotonic()
+        self._timer: Optional[threading.Timer] = None
+        if delay <= 0:
+            self._fire()
+        elif math.isfinite(delay):
+            self._timer = threading.Timer(delay, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.options.terminate = True
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+@contextmanager
+def deadline_watch(options: Any, deadline: float) -> Iterator[_Watch]:
+    watch = _Watch(options, deadline)
+    try:
+        yield watch
+    finally:
+        watch.cancel()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_allocation_failure(text: str) -> bool:
+    return "Available memory of" in text or "Failed to allocate" in text or "bad_alloc" in text
 
 
 class OnnxModel:
@@ -98,15 +170,32 @@ class OnnxModel:
     def outputs(self) -> list[Any]:
         return list(self.session().get_outputs())
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        sess = self.session()
+    def run(self, feeds: dict[str, np.ndarray], limits: RunLimits = RunLimits()) -> list[np.ndarray]:
+        """One compute, stopped at the run's deadline (the run then ends `timeout`)."""
+        return self._run(self.session(), feeds, limits)
+
+    def _run(self, sess: Any, feeds: dict[str, np.ndarray], limits: RunLimits, options: Optional[dict[str, str]] = None) -> list[np.ndarray]:
+        if limits.remaining() <= 0:
+            raise NNHalt("timeout", "the run's deadline passed before the ONNX compute")
+        ro = _ort().RunOptions()
+        ro.log_severity_level = 4  # the failure is reported to the guest and logged once by the capability
+        for key, value in (options or {}).items():
+            ro.add_run_config_entry(key, value)
         with self._lock:
             self.in_flight += 1
         t0 = time.perf_counter()
         try:
-            return list(sess.run(None, feeds))
-        except Exception as exc:
-            raise NNFailure(NNError.RUNTIME_ERROR, f"onnxruntime: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            with deadline_watch(ro, limits.deadline) as watch:
+                try:
+                    return list(sess.run(None, feeds, ro))
+                except Exception as exc:
+                    if watch.fired:
+                        raise NNHalt("timeout", f"the run's deadline passed during the ONNX compute of {self.name}") from None
+                    text = _first_line(exc)
+                    if _is_allocation_failure(text):
+                        raise NNHalt("oom", f"the ONNX compute of {self.name} needed more memory than it may use: {text[:300]}",
+                                     NNError.TOO_LARGE) from None
+                    raise NNFailure(NNError.RUNTIME_ERROR, f"onnxruntime: {text}") from None
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -130,6 +219,153 @@ class OnnxModel:
             self._session = None
 
 
+_arena_lock = threading.Lock()
+
+
+def _mib(n: float) -> str:
+    return f"{n / 1024**2:.1f} MiB"
+
+
+class GuestOnnxModel(OnnxModel):
+    """A graph from a guest's bytes: checked before it loads and before each new set of input shapes,
+    run in sessions whose memory arena is capped at the flow's memory limit (one session per limit,
+    one compute at a time per session, so the cap is exact), on one thread."""
+
+    def __init__(self, name: str, data: bytes, target: str = "auto") -> None:
+        super().__init__(name, bytes(data), target, {})
+        self._vetted: Any = None
+        self._vet_lock = threading.Lock()
+        self._sessions: "OrderedDict[int, tuple[Any, threading.Lock]]" = OrderedDict()
+        self._bounds: "OrderedDict[tuple[Any, ...], Any]" = OrderedDict()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _vet(self, limits: RunLimits) -> Any:
+        """The model checked in a child capped at the flow's memory limit (once per model)."""
+        from . import onnx_guard
+        from .isolate import run_isolated
+
+        with self._vet_lock:
+            if self._vetted is None:
+                timeout = min(VET_TIMEOUT, limits.remaining())
+                self._vetted, _ = run_isolated(onnx_guard.vet, (self.source, limits.memory), limits.memory, timeout)
+            return self._vetted
+
+    def prepare(self, limits: RunLimits) -> None:
+        """What `load` checks: no file references, constants and fixed-shape tensors within the memory
+        limit, and a session for that limit."""
+        vetted = self._vet(limits)
+        if vetted.constants > limits.memory:
+            raise NNHalt("oom", f"guest graph {self.name} holds {_mib(vetted.constants)} of constants, over the flow's memory "
+                                f"limit of {_mib(limits.memory)}", NNError.TOO_LARGE)
+        if vetted.largest_fixed > limits.memory:
+            raise NNHalt("oom", f"guest graph {self.name} has a tensor {vetted.largest_fixed_name!r} of {_mib(vetted.largest_fixed)}, "
+                                f"over the flow's memory limit of {_mib(limits.memory)}", NNError.TOO_LARGE)
+        self._session_for(limits.memory)
+
+    def _bound(self, feeds: dict[str, np.ndarray], limits: RunLimits) -> Any:
+        from . import onnx_guard
+        from .isolate import run_isolated
+
+        spec = []
+        for name, arr in feeds.items():
+            small = arr.dtype.kind in "iu" and arr.size <= onnx_guard.SMALL_FEED
+            spec.append((name, arr.dtype.str, tuple(int(d) for d in arr.shape), arr.tobytes() if small else None))
+        key = tuple(spec)
+        with self._lock:
+            found = self._bounds.get(key)
+            if found is not None:
+                self._bounds.move_to_end(key)
+                return found
+        timeout = min(VET_TIMEOUT, limits.remaining())
+        result, _ = run_isolated(onnx_guard.bound, (self._vetted.skeleton, spec), limits.memory, timeout)
+        with self._lock:
+            self._bounds[key] = result
+            while len(self._bounds) > MAX_BOUNDS:
+                self._bounds.popitem(last=False)
+        return result
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _session_for(self, cap: int) -> tuple[Any, threading.Lock]:
+        from .onnx_guard import GUEST_DISABLED_OPTIMIZERS, guest_session_options
+
+        with self._lock:
+            entry = self._sessions.get(cap)
+            if entry is not None:
+                self._sessions.move_to_end(cap)
+                return entry
+        ort = _ort()
+        so = guest_session_options()
+        so.add_session_config_entry("session.use_env_allocators", "1")
+        chosen: list[Any] = []
+        for name in providers(self.target):
+            if name == "CUDAExecutionProvider":
+                chosen.append((name, {"gpu_mem_limit": str(cap), "arena_extend_strategy": "kSameAsRequested"}))
+            else:
+                chosen.append(name)
+        with _arena_lock:  # a session takes the environment's allocator registered when it is created
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": int(cap), "arena_extend_strategy": 1}))
+            try:
+                sess = ort.InferenceSession(self._vetted.model, sess_options=so, providers=chosen,
+                                            disabled_optimizers=GUEST_DISABLED_OPTIMIZERS)
+            except Exception as exc:
+                text = _first_line(exc)
+                if _is_allocation_failure(text):
+                    raise NNHalt("oom", f"loading guest graph {self.name} needs more than the flow's memory limit of {_mib(cap)}",
+                                 NNError.TOO_LARGE) from None
+                raise NNFailure(NNError.INVALID_ARGUMENT, f"onnxruntime could not load {self.path}: {text}") from None
+        with self._lock:
+            entry = self._sessions.setdefault(cap, (sess, threading.Lock()))
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)  # dropped, not closed: a run may still use it
+            return entry
+
+    def load(self, warm: bool = True) -> None:
+        raise NNFailure(NNError.INVALID_ARGUMENT, "a guest's graph loads through prepare(limits)")
+
+    def session(self) -> Any:
+        """Any of the model's sessions (they differ only in their memory cap): for input metadata."""
+        with self._lock:
+            if self._sessions:
+                return next(reversed(self._sessions.values()))[0]
+        raise NNFailure(NNError.INVALID_ARGUMENT, f"guest graph {self.name} is not loaded")
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def run(self, feeds: dict[str, np.ndarray], limits: RunLimits = RunLimits()) -> list[np.ndarray]:
+        self.prepare(limits)
+        bound = self._bound(feeds, limits)
+        need = bound.peak + self._vetted.constants
+        if need > limits.memory:
+            raise NNHalt("oom", f"guest graph {self.name} would allocate {_mib(need)} for these inputs, over the flow's memory "
+                                f"limit of {_mib(limits.memory)}", NNError.TOO_LARGE)
+        if bound.heaviest_macs > MAX_NODE_MACS:
+            raise NNDenied(NNError.TOO_LARGE, f"guest graph {self.name}: {bound.heaviest_node} needs {bound.heaviest_macs:.3g} "
+                                              f"multiply-accumulates in one step, more than the {MAX_NODE_MACS:.3g} a node may take")
+        if bound.heaviest_macs > max(0.0, limits.remaining()) * MACS_PER_SECOND:
+            raise NNHalt("timeout", f"guest graph {self.name}: {bound.heaviest_node} cannot finish before the run's deadline "
+                                    f"({bound.heaviest_macs:.3g} multiply-accumulates in one step that cannot be interrupted)")
+        sess, busy = self._session_for(limits.memory)
+        if not busy.acquire(timeout=max(0.0, min(limits.remaining(), MAX_WAIT))):
+            raise NNHalt("timeout", f"the run's deadline passed waiting for guest graph {self.name}")
+        try:
+            return self._run(sess, feeds, limits, {"memory.enable_memory_arena_shrinkage": "cpu:0"})
+        finally:
+            busy.release()
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["loaded"] = bool(self._sessions)
+        out["instances"] = len(self._sessions)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+
 def tensor_to_array(t: Tensor) -> np.ndarray:
     """The guest's tensor as a numpy array; its byte length must match its dims and type exactly."""
     tt = t.type
@@ -149,6 +385,7 @@ class OnnxExecution:
     """A WASI-NN execution context on an ONNX graph (per run)."""
 
     model: OnnxModel
+    limits: RunLimits = RunLimits()
     inputs: dict[int, np.ndarray] = field(default_factory=dict)
     outputs: list[np.ndarray] = field(default_factory=list)
 
@@ -174,7 +411,7 @@ class OnnxExecution:
         if missing:
             raise NNFailure(NNError.INVALID_ARGUMENT, f"inputs {missing} are not set")
         feeds = {declared[i].name: self.inputs[i] for i in range(len(declared))}
-        self.outputs = [np.ascontiguousarray(o) for o in self.model.run(feeds)]
+        self.outputs = [np.ascontiguousarray(o) for o in self.model.run(feeds, self.limits)]
         return NNError.SUCCESS
 
     def output_array(self, index: int) -> np.ndarray:

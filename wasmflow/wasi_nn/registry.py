@@ -10,6 +10,7 @@ in the back ends; `stats()` gathers their queue figures for /metrics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -87,10 +88,18 @@ class ModelRegistry:
         self._anonymous: dict[str, ModelObject] = {}  # by sha256 of guest-supplied model bytes
         self._verified: set[str] = set()
         self._lock = threading.Lock()
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "wasmflow-nn"
+        self._cache_dir = Path(cache_dir) if cache_dir else None
         self.pool_size = pool_size
         for entry in entries:
             self.add(entry)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where guest GGUF bytes are written (llama.cpp reads files): the state directory's
+        `nn-cache`, or a private temporary directory when the registry has no state directory."""
+        if self._cache_dir is None:
+            self._cache_dir = Path(tempfile.mkdtemp(prefix="wasmflow-nn-"))
+        return self._cache_dir
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -198,34 +207,57 @@ class ModelRegistry:
 
     def anonymous(self, encoding: Encoding, target: Target, data: bytes, config: Optional[dict[str, Any]] = None) -> ModelObject:
         """A graph from model bytes a guest passed to `load`, shared by content hash so that a guest
-        loading the same bytes on every run pays the load once."""
+        loading the same bytes on every run pays the load once.
+
+        Guest bytes are untrusted: ONNX becomes a `GuestOnnxModel` (checked in a capped child before
+        ONNX Runtime sees it); GGUF is scanned first (no `split.*` keys, sizes read for the memory
+        check) and written only into the cache directory, under its content hash, never a name the
+        guest chose."""
         digest = hashlib.sha256(data).hexdigest()
         key = f"{int(encoding)}:{int(target)}:{digest}"
         with self._lock:
             obj = self._anonymous.get(key)
             if obj is not None:
                 return obj
-            if encoding == Encoding.ONNX:
-                from .onnx_backend import OnnxModel
+        # Built outside the lock: scanning and writing a large file must not hold up other runs.
+        if encoding == Encoding.ONNX:
+            from .onnx_backend import GuestOnnxModel
 
-                obj = OnnxModel(f"bytes-{digest[:12]}", bytes(data), model_target_name(target))
-            elif encoding == Encoding.GGML:
-                from .ggml_backend import GgmlModel, GgmlParams, apply_metadata
+            obj = GuestOnnxModel(f"bytes-{digest[:12]}", bytes(data), model_target_name(target))
+        elif encoding == Encoding.GGML:
+            from .ggml_backend import GgmlModel, GgmlParams, apply_metadata
+            from .gguf_guard import scan
 
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                path = self.cache_dir / f"guest-{digest}.gguf"
-                if not path.exists():
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_bytes(data)
-                    tmp.replace(path)
-                obj = GgmlModel(f"bytes-{digest[:12]}", str(path), apply_metadata(GgmlParams(), config or {}), self.pool_size)
-            else:
-                raise NNFailure(NNError.INVALID_ENCODING, f"encoding {encoding.name} has no back end here")
+            info = scan(data)
+            path = self._write_cached(f"guest-{digest}.gguf", data)
+            obj = GgmlModel(f"bytes-{digest[:12]}", str(path), apply_metadata(GgmlParams(), config or {}), self.pool_size,
+                            guest=info)
+        else:
+            raise NNFailure(NNError.INVALID_ENCODING, f"encoding {encoding.name} has no back end here")
+        with self._lock:
+            if key in self._anonymous:
+                return self._anonymous[key]
             if len(self._anonymous) >= 8:  # bound what guests can make the host keep
                 # dropped, not closed: a run may still use it; it is freed with its last reference
                 self._anonymous.pop(next(iter(self._anonymous)))
             self._anonymous[key] = obj
             return obj
+
+    def _write_cached(self, name: str, data: bytes) -> Path:
+        """Write `data` as cache_dir/name atomically (a fresh temporary file, then a rename that
+        replaces whatever was there, a planted symlink included)."""
+        directory = self.cache_dir
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".write-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, directory / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return directory / name
 
     def load_all(self) -> None:
         """Eager loading: read every named model now (errors name the model)."""

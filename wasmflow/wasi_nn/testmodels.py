@@ -9,6 +9,7 @@ byte fallback that llama.cpp's tokenizer accepts, real attention layers, real ON
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -39,8 +40,10 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_llama(path: Path, seed: int = 1234, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128, n_ctx: int = 512) -> Path:
-    """A random llama-architecture GGUF (f32, a few hundred KB) with a working tokenizer."""
+def write_tiny_llama(path: Path, seed: int = 1234, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128, n_ctx: int = 512,
+                     extra: Optional[Callable[[Any], None]] = None) -> Path:
+    """A random llama-architecture GGUF (f32, a few hundred KB) with a working tokenizer. `extra`, if
+    given, is called with the `gguf.GGUFWriter` to add metadata (the hostile tests add keys)."""
     import gguf
 
     path = Path(path)
@@ -68,6 +71,8 @@ def write_tiny_llama(path: Path, seed: int = 1234, n_embd: int = 64, n_layer: in
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    if extra is not None:
+        extra(w)
 
     def rand(*shape: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
