@@ -16,6 +16,7 @@ from typing import Optional
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -50,16 +51,23 @@ def load_runtime(flows_path: Optional[Path], engine: Optional[str] = None, datab
 
 
 def print_result(result, show_output: bool = True) -> None:  # type: ignore[no-untyped-def]
-    """Logs, stdout/stderr, output and one status line, in that order: what a person reads after a run."""
+    """Logs, stdout/stderr, output and one status line, in that order: what a person reads after a run.
+
+    Everything the guest wrote is printed as plain text with control sequences removed
+    (`wasmflow.terminal.guest_text`), never as markup: guest text cannot style, move or fake anything.
+    """
+    from wasmflow.terminal import guest_text
+
     for ts, level, message in result.logs:
         stamp = datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
         style = {"error": "red", "warn": "yellow", "debug": "dim", "trace": "dim"}.get(level, "")
-        console.print(f"[dim]{stamp}[/dim] [{style or 'default'}]{level:5}[/] {message}", markup=True)
+        console.print(Text.assemble((stamp, "dim"), " ", (f"{level:5}", style), " ",
+                                    guest_text(message, indent=len(stamp) + 7)), soft_wrap=True)
     for name in ("stdout", "stderr"):
         data = getattr(result, name)
         if data:
             console.print(f"[dim]--- {name} ---[/dim]")
-            console.print(data.decode("utf-8", errors="replace").rstrip("\n"), markup=False)
+            console.print(guest_text(bytes(data).rstrip(b"\n")), soft_wrap=True)
     if show_output and result.output is not None:
         console.print("[dim]--- output ---[/dim]")
         text = result.output.decode("utf-8", errors="replace")
@@ -67,14 +75,14 @@ def print_result(result, show_output: bool = True) -> None:  # type: ignore[no-u
             text = json.dumps(json.loads(text), indent=2)
         except ValueError:
             pass
-        console.print(text, markup=False)
+        console.print(guest_text(text), soft_wrap=True)
     status = str(result.status)
     line = (f"[bold {STATUS_STYLE.get(status, 'default')}]{status}[/]  run {result.run_id}  "
             f"engine {result.engine} ({result.mode})  instantiate {result.instantiate_ms:.2f} ms  "
             f"run {result.run_ms:.2f} ms")
     console.print(line, soft_wrap=True)
     if result.error:
-        console.print(f"[red]{result.error}[/red]", markup=True)
+        console.print(guest_text(result.error, style="red"), soft_wrap=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,19 +110,19 @@ def run_command(flow: str, event_file: Optional[Path], event_name: str, headers:
         try:
             runtime.flows.flow(flow)
         except KeyError as exc:
-            err_console.print(f"[red]error:[/red] {exc.args[0]}")
+            err_console.print(f"[red]error:[/red] {escape(str(exc.args[0]))}")
             sys.exit(2)
         body = event_file.read_bytes() if event_file else b"{}"
         try:
             json.loads(body)
         except ValueError as exc:
-            err_console.print(f"[red]error:[/red] {event_file} is not JSON: {exc}")
+            err_console.print(f"[red]error:[/red] {escape(f'{event_file} is not JSON: {exc}')}")
             sys.exit(2)
         header_map = {}
         for item in headers:
             name, sep, value = item.partition("=")
             if not sep:
-                err_console.print(f"[red]error:[/red] --header takes NAME=VALUE, got {item!r}")
+                err_console.print(f"[red]error:[/red] --header takes NAME=VALUE, got {escape(repr(item))}")
                 sys.exit(2)
             header_map[name.lower()] = value
         result = runtime.run(flow, Event(name=event_name, body=body, headers=header_map, trigger="manual"))

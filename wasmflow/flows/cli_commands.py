@@ -16,6 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from wasmflow.terminal import clean
+
 from .loader import FlowsError, LoadedFlows, load_flows
 from .model import Flow, Limits, Trigger
 
@@ -40,7 +42,7 @@ def validate_command(flows_yaml: Optional[Path], flows_option: Optional[Path]) -
     except FlowsError as exc:
         # soft_wrap: one problem per line, never broken, so editors and grep can use file:line.
         for problem in exc.problems:
-            err.print(f"[red]error:[/red] {escape(str(problem))}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(clean(str(problem)))}", soft_wrap=True)
         if len(exc.problems) > 1:
             err.print(f"{escape(str(path))}: {len(exc.problems)} problems", soft_wrap=True)
         raise SystemExit(2) from None
@@ -48,7 +50,7 @@ def validate_command(flows_yaml: Optional[Path], flows_option: Optional[Path]) -
     if flows:
         out.print(flows_table(loaded))
     for warning in module_warnings(loaded):
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {escape(clean(warning))}", soft_wrap=True)
     noun = "flow" if len(flows) == 1 else "flows"
     out.print(f"[green]valid:[/green] {escape(str(path))} ({len(flows)} {noun}, engine {loaded.file.engine})",
               soft_wrap=True)
@@ -61,7 +63,7 @@ def flows_table(loaded: LoadedFlows) -> Table:
     for flow in loaded.file.flows:
         module = flow.module + (f"\n({flow.engine})" if flow.engine else "")
         triggers = [describe_trigger(t) for t in flow.on] or ["manual only"]
-        table.add_row(*(Text(cell) for cell in (flow.name, module, "\n".join(triggers),
+        table.add_row(*(Text(clean(cell)) for cell in (flow.name, module, "\n".join(triggers),
                                                 "\n".join(describe_allows(flow)) or "nothing",
                                                 "\n".join(describe_limits(flow)))))
     return table
@@ -115,8 +117,16 @@ def describe_limits(flow: Flow) -> list[str]:
     limits, retry = flow.limits, flow.retry
     lines = [f"timeout {format_duration(limits.timeout)}", f"memory {format_size(limits.memory)}",
              f"output {format_size(limits.output)}"]
-    if limits.table_elements != Limits().table_elements:
+    defaults = Limits()
+    if limits.table_elements != defaults.table_elements:
         lines.append(f"table {limits.table_elements} elements")
+    if (limits.log_lines, limits.log_bytes) != (defaults.log_lines, defaults.log_bytes):
+        lines.append(f"logs {limits.log_lines} lines / {format_size(limits.log_bytes)}")
+    if (limits.response_headers, limits.response_header_bytes) != (defaults.response_headers,
+                                                                   defaults.response_header_bytes):
+        lines.append(f"response headers {limits.response_headers} / {format_size(limits.response_header_bytes)}")
+    if limits.response_body != defaults.response_body:
+        lines.append(f"response body {format_size(limits.response_body)}")
     lines.append(f"retry {retry.attempts}x {retry.backoff}")
     return lines
 

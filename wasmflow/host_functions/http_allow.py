@@ -12,7 +12,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 ANY = "*"
@@ -22,6 +22,7 @@ _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 # A last label that URL parsers (and inet_aton) read as a number makes the host an IPv4 address.
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 _UNSAFE_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+_URL_SAFE = "/%:@!$&'()*+,;=?~[]"  # left as they are in a path or query: only other characters are encoded
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,23 @@ class HttpAllowList:
         """Whether the flow may send a request to `url`; any URL that cannot be judged safely is refused."""
         target = _connection_target(url)
         return target is not None and any(p.matches(*target) for p in self.patterns)
+
+    def connect_url(self, url: str) -> Optional[str]:
+        """The URL to send for `url` if the flow may call it, else None.
+
+        Same path and query, but the host is the normalised one that was checked: an HTTP client that
+        re-encoded the name itself (IDNA 2008 rather than the codec used here) could otherwise resolve
+        another name than the one allowed. Non-ASCII in the path or query is percent-encoded; escapes
+        already there are kept as they are. The fragment, never sent, is dropped.
+        """
+        target = _connection_target(url)
+        if target is None or not any(p.matches(*target) for p in self.patterns):
+            return None
+        scheme, host, port = target
+        parts = urlsplit(url)
+        path = quote(parts.path or "/", safe=_URL_SAFE)
+        query = "?" + quote(parts.query, safe=_URL_SAFE) if parts.query else ""
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}{query}"
 
     def __bool__(self) -> bool:
         return bool(self.patterns)

@@ -7,7 +7,7 @@ several workers on PostgreSQL the queue is shared, and only the database knows i
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the /metrics handler)
@@ -38,10 +38,20 @@ class Metrics:
             "wasmflow_retries", "Run attempts scheduled again after a retryable failure", ["flow"],
             registry=self.registry)
         self.schedule_ticks = Counter(
-            "wasmflow_schedule_ticks", "Schedule ticks by flow and outcome (enqueued, skipped, missed)",
+            "wasmflow_schedule_ticks", "Schedule ticks by flow and outcome (enqueued, skipped, missed; "
+            "failed: a pass that could not handle the trigger)",
             ["flow", "outcome"], registry=self.registry)
         self.in_flight = Gauge(
             "wasmflow_runs_in_flight", "Runs executing in this process", registry=self.registry)
+        self.guest_output_truncated = Counter(
+            "wasmflow_guest_output_truncated", "Run attempts whose guest output was cut or refused at a cap of "
+            "`limits:`, by flow and kind (logs, output, response_headers, response_body, stdout, stderr)",
+            ["flow", "kind"], registry=self.registry)
+
+    def output_truncated(self, flow: str, truncated: Mapping[str, int]) -> None:
+        """Count one run attempt per kind of output it had cut (RunResult.truncated)."""
+        for kind in truncated:
+            self.guest_output_truncated.labels(flow=flow, kind=kind).inc()
 
     def render(self, depth: Optional[Callable[[], dict[str, int]]] = None) -> bytes:
         """The text exposition; `depth` reads the queue depth from the store first."""
