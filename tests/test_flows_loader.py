@@ -230,7 +230,8 @@ def test_malformed_references_are_errors(tmp_path: Path, value: str) -> None:
         (flow_yaml("    modle: x.wasm\n"), "modle", "flows[hello].modle",
          "(expected one of: name, module, engine, on, allow, config, secrets, args, limits, retry"),
         (flow_yaml("    limits:\n      timout: 5s\n"), "timout", "flows[hello].limits.timout",
-         "unknown key 'timout', did you mean 'timeout'? (expected one of: timeout, memory, table_elements, output)"),
+         "unknown key 'timout', did you mean 'timeout'? (expected one of: timeout, memory, table_elements, output, "
+         "log_lines, log_bytes, response_headers, response_header_bytes, response_body)"),
         (flow_yaml("    on:\n      - github: {events: [push], repo: [a/b]}\n"), "repo:", "flows[hello].on[0].github.repo",
          "(expected one of: events, repos)"),
         (flow_yaml("    on:\n      - cron: {cron: '* * * * *'}\n"), "- cron", "flows[hello].on[0].cron",

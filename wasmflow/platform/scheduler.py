@@ -10,6 +10,11 @@ PostgreSQL advisory lock (or a file lock next to a SQLite database, which one pr
 Overlap, when a tick comes while the flow's previous scheduled run is still queued or running:
 `allow` enqueues it anyway, `skip` records it as skipped, `queue` stores it as `waiting` and the
 scheduler releases it once the previous run is over.
+
+A trigger that fails (its ticks cannot be computed, say a cron expression that never fires, or the
+database refuses its writes) is isolated: the pass goes on with the other triggers. Each failed pass
+counts in `wasmflow_schedule_ticks_total{outcome="failed"}`; the failure is logged once, and stored once
+as a `failed` schedule event (see `wasmflow events`), until the trigger works again.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from wasmflow.flows.model import FlowsFile
 from wasmflow.platform.db import runs_table, schedule_state_table
@@ -85,19 +90,59 @@ class Scheduler:
         self.specs = schedule_specs(flows)
         self.metrics = metrics or Metrics()
         self.on_enqueue = on_enqueue
+        self.failing: dict[tuple[str, str], str] = {}  # (flow, trigger) -> the kind of failure, while it fails
 
     def tick(self, now: Optional[float] = None) -> list[str]:
-        """One pass over every schedule trigger at time `now`; returns the ids of runs made runnable."""
+        """One pass over every schedule trigger at time `now`; returns the ids of runs made runnable.
+
+        One trigger's failure never stops the pass: the others still fire (see `_failed`)."""
         now = time.time() if now is None else now
         created: list[str] = []
         for spec in self.specs:
             try:
                 created += self._tick_one(spec, now)
-            except sa.exc.SQLAlchemyError as exc:
-                log.warning("schedule of %s: %s; trying again next pass", spec.flow, exc.__class__.__name__)
+            except Exception as exc:  # noqa: BLE001 - isolated to this trigger, reported by _failed
+                self._failed(spec, exc, now)
+            else:
+                if self.failing.pop((spec.flow, spec.key), None) is not None:
+                    log.info("schedule of %s (cron %r) recovered; firing again", spec.flow, spec.cron)
         if created and self.on_enqueue:
             self.on_enqueue()
         return created
+
+    def _failed(self, spec: ScheduleSpec, exc: Exception, now: float) -> None:
+        """Count every failed pass; log and record a `failed` schedule event once per run of failures."""
+        self.metrics.schedule_ticks.labels(flow=spec.flow, outcome="failed").inc()
+        transient = isinstance(exc, sa.exc.SQLAlchemyError)
+        if isinstance(exc, CroniterError):
+            problem = f"cron {spec.cron!r} ({spec.timezone}) has no next time to fire ({exc})"
+        elif isinstance(exc, ZoneInfoNotFoundError):
+            problem = f"unknown time zone {spec.timezone!r}"
+        elif transient:
+            problem = f"the database refused the schedule's update ({exc.__class__.__name__})"
+        else:
+            problem = f"{exc.__class__.__name__}: {exc}"
+        key, kind = (spec.flow, spec.key), exc.__class__.__name__
+        if self.failing.get(key) == kind:
+            return
+        self.failing[key] = kind
+        fix = ("trying again each pass" if transient else
+               "fix this trigger in flows.yaml (`wasmflow validate` checks it) and restart")
+        log.log(logging.WARNING if transient else logging.ERROR,
+                "schedule of %s failed: %s; its ticks are not run, other schedules go on; %s "
+                "(logged once until it recovers)", spec.flow, problem, fix)
+        log.debug("schedule of %s: failure in detail", spec.flow, exc_info=exc)
+        if transient:
+            return  # the database is the problem: nothing useful can be stored in it now
+        body = json.dumps({"flow": spec.flow, "cron": spec.cron, "timezone": spec.timezone, "error": problem})
+        event = NewEvent(source="schedule", name="schedule", headers={"x-wasmflow-cron": spec.cron[:200]},
+                         body=body.encode(), status="failed", received_at=now,
+                         note=f"schedule of {spec.flow} failed: {problem}; {fix}")
+        try:
+            with self.db.begin() as conn:
+                record_event(conn, event)
+        except sa.exc.SQLAlchemyError as db_exc:
+            log.warning("schedule of %s: could not record the failure (%s)", spec.flow, db_exc.__class__.__name__)
 
     def _tick_one(self, spec: ScheduleSpec, now: float) -> list[str]:
         tz = ZoneInfo(spec.timezone)
