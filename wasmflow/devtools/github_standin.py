@@ -138,6 +138,10 @@ class Repo:
         return f"{self.owner}/{self.name}"
 
 
+# A search term: `key:"quoted value"`, a quoted phrase, or a run of non-space characters.
+_SEARCH_TOKEN = re.compile(r'[^\s"]*"[^"]*"\S*|\S+')
+
+
 @dataclass
 class Recorded:
     method: str
@@ -815,16 +819,53 @@ class GithubStandin(LoopbackServer):
             items = list(repo.labels.values())
         return self._paginate(request, items)
 
+    def search_scope(self, q: str) -> set[str]:
+        """The repositories (lowercase `owner/name`) GitHub would search for `q`, as GitHub reads it.
+
+        Qualifier keys in any case, values quoted or not; `repo:` names one repository, `org:`/`user:`/
+        `owner:` every repository of an owner, `-repo:` (or `NOT repo:`) excludes; with no scope
+        qualifier at all, or an `OR` beside one, every repository is searched (on GitHub: every public
+        one). Tests use it to prove that no request ever reached a repository outside a run's scope.
+        """
+        with self._lock:
+            every = set(self.repos)
+        included: set[str] = set()
+        excluded: set[str] = set()
+        scoped = widened = False
+        negate_next = False
+        for token in _SEARCH_TOKEN.findall(q):
+            bare = token.strip("()")
+            if bare.upper() == "OR":
+                widened = True
+                continue
+            if bare.upper() == "NOT":
+                negate_next = True
+                continue
+            negated, negate_next = negate_next or bare.startswith("-"), False
+            key, _, value = bare.lstrip("-").partition(":")
+            key, value = key.strip('"').lower(), value.strip('"').lower()
+            if key not in ("repo", "org", "user", "owner") or not value:
+                continue
+            names = {value} if key == "repo" else {r for r in every if r.split("/")[0] == value}
+            if negated:
+                excluded |= names
+            else:
+                scoped = True
+                included |= names
+        if widened or not scoped:
+            included = set(every)
+        return included - excluded
+
     async def h_search_issues(self, request: web.Request) -> web.Response:
         q = request.query.get("q", "")
         if not q:
             return self._error(422, "Validation Failed: q")
         terms = q.split()
-        repos = [t[5:].lower() for t in terms if t.startswith("repo:")]
+        repos = sorted(self.search_scope(q))
         kind = next((t[3:] for t in terms if t.startswith("is:") and t[3:] in ("issue", "pr")), None)
         state = next((t.split(":", 1)[1] for t in terms if t.startswith(("state:", "is:open", "is:closed"))
                       and t.split(":", 1)[1] in ("open", "closed")), None)
-        words = [t.lower().strip('"') for t in terms if ":" not in t]
+        words = [t.lower().strip('"') for t in terms if ":" not in t and t.upper() not in ("OR", "NOT", "AND")]
         with self._lock:
             items = []
             for name in repos:

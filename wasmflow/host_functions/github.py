@@ -7,7 +7,10 @@ caches them until shortly before they expire, refreshes them on a 401, and makes
 after checking it against two limits the flow cannot widen from inside the sandbox:
 
 * scope: `/repos/{owner}/{repo}/...` of the repository named in the event (plus any listed in
-  `allow.github_repos`), and `/search/issues` with a `repo:` qualifier for one of those;
+  `allow.github_repos`), and `/search/issues` limited to those repositories (`search_query`);
+  the path is normalised once (`normalise_path`) and the URL sent is built from exactly what was
+  checked, so no spelling (`//host/...`, `%2e%2e`, a query in the path) means one thing to the check
+  and another to GitHub;
 * permission: the endpoint family's GitHub App permission (`pulls` → `pull_requests`, `issues`,
   comments, labels, reactions → `issues`, `contents`/`compare`/`commits` → `contents`, ...) must be
   declared in the flow's `allow.github` at `read` (GET) or `write` (anything else).
@@ -83,6 +86,15 @@ PASS_HEADERS = ("link", "etag", "last-modified", "content-type", "retry-after", 
                 "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "x-ratelimit-used",
                 "x-ratelimit-resource")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# RFC 3986 path characters (pchar and "/"): no space, no `?`/`#`, no backslash, nothing outside ASCII.
+_PATH_CHARS = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_REPO_NAME = re.compile(r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
+# A search term: `key:"quoted value"`, a quoted phrase, or a run of non-space characters.
+_SEARCH_TERM = re.compile(r'[^\s"]*"[^"]*"\S*|\S+')
+_SCOPE_KEY = re.compile(r"(?:^|[^a-z0-9_])(?:repo|org|user|owner|repository)\s*:")
+_REPO_QUALIFIER = re.compile(r'^repo:(?:"([^"]+)"|([^"\s]+))$', re.I)
+REQUEST_FIELDS = ("method", "path", "query", "accept", "paginate", "max_pages")
 _LINK = re.compile(r'<([^>]+)>\s*;\s*rel="([^"]+)"')
 
 
@@ -114,33 +126,92 @@ class Scope:
     repo: str
 
 
+def normalise_path(path: str) -> str:
+    """The path as it will be sent, or ValueError: one spelling only, checked once.
+
+    A path starts with a single `/` (no scheme, no host, no `//host`), has only RFC 3986 path
+    characters (a query goes in `query`; no fragment, backslash, space or control character), and no
+    segment that is empty, `.` or `..`, or that decodes to one or to a `/`, `\\`, `?`, `#` or `%`
+    (`%2e%2e`, `%2F`, `%252e`): whatever a server or client library decodes, it cannot step outside
+    the repository. Percent-encoded names (`My%20File.md`) are kept as they are.
+    """
+    if not path.startswith("/") or path.startswith("//"):
+        raise ValueError("a path starts with a single / and names no host: /repos/OWNER/NAME/...")
+    if not _PATH_CHARS.match(path):
+        raise ValueError("the path has characters a path may not carry (put query parameters in `query`; no "
+                         "fragment, backslash, space or control character; percent-encode anything else)")
+    if _BAD_ESCAPE.search(path):
+        raise ValueError("the path has a % that is not a percent-escape")
+    for segment in path[1:].split("/"):
+        try:
+            decoded = urllib.parse.unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError("the path has a percent-escape that is not UTF-8") from None
+        if segment in ("", ".", "..") or decoded in (".", "..") or any(c in decoded for c in "/\\?#%") \
+                or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+            raise ValueError("the path has an empty, dot or encoded-separator segment (//, a trailing /, ., .., "
+                             "%2e%2e, %2F); name the endpoint directly")
+    return path
+
+
+def search_query(q: str, repos: list[str]) -> str:
+    """The issue-search query to send: limited to this run's repositories, or ValueError saying why not.
+
+    GitHub reads qualifier keys in any case and values quoted or not, ORs several `repo:`s, and scopes
+    nothing an `OR` or parentheses put beside them; so: `OR` and parentheses are refused, every
+    `repo:`/`org:`/`user:`/`owner:` (in any case, negated, quoted or glued to other text) must be a
+    plain `repo:OWNER/NAME` of one of `repos`, and a query naming no repository gets `repo:` of the
+    event's repository (`repos[0]`) appended.
+    """
+    named = False
+    previous = ""
+    for term in _SEARCH_TERM.findall(q):
+        negated, previous = previous.upper() == "NOT", term
+        unquoted = re.sub(r'"[^"]*"', "", term)
+        if "(" in unquoted or ")" in unquoted:
+            raise ValueError("parentheses are not allowed in a search (they group an OR)")
+        if term.upper() in ("OR", "||", "|"):
+            raise ValueError("OR is not allowed in a search: it would reach past this run's repositories; "
+                             "make one search per alternative")
+        if not _SCOPE_KEY.search(term.replace('"', "").lower().lstrip("-!")):
+            continue
+        match = None if negated else _REPO_QUALIFIER.match(term)
+        if match is None:
+            raise ValueError(f"search term {term!r}: a search may be limited only with repo:OWNER/NAME "
+                             "(no org:, user:, owner:, -repo:, NOT repo: or repo: inside other text)")
+        value = match.group(1) or match.group(2)
+        if not _REPO_NAME.match(value) or not _repo_allowed(value, repos):
+            raise ValueError(f"search names repository {value}, outside this run's repositories")
+        named = True
+    if named:
+        return q
+    if not repos or not _REPO_NAME.match(repos[0]):
+        raise ValueError("name the repository to search with repo:OWNER/NAME")
+    return f"{q} repo:{repos[0]}".strip()
+
+
 def classify(method: str, path: str, query: dict[str, list[str]], repos: list[str]) -> Scope:
     """The permission a request needs, or ValueError saying why it is out of the flow's reach.
 
-    `repos` are `owner/name` patterns the run may touch (the event's repository first). Paths are
-    checked segment by segment: no `..`, no encoded slashes or dots, nothing outside `/repos/...` and
-    `/search/issues`.
+    `repos` are `owner/name` patterns the run may touch (the event's repository first). The path must
+    be in `normalise_path`'s one spelling, under `/repos/OWNER/NAME/...` or `/search/issues`, whose
+    single `q` must already be what `search_query` sends.
     """
     level = "read" if method in ("GET", "HEAD") else "write"
-    if not path.startswith("/") or "//" in path or "%2f" in path.lower() or "%2e" in path.lower():
-        raise ValueError(f"malformed path {path!r}")
-    parts = path.strip("/").split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"malformed path {path!r}")
+    normalise_path(path)
+    parts = path[1:].split("/")
     if parts == ["search", "issues"]:
         if level != "read":
             raise ValueError("search is read-only")
-        q = " ".join(query.get("q", []))
-        named = re.findall(r"\b(repo|org|user|owner):(\S+)", q)
-        if not named or any(kind != "repo" for kind, _ in named):
-            raise ValueError("issue search must be limited with repo:OWNER/NAME (and no org:/user:)")
-        for _, repo in named:
-            if not _repo_allowed(repo, repos):
-                raise ValueError(f"issue search names repository {repo}, outside this run's repositories")
-        return Scope("issues", "read", named[0][1])
+        qs = query.get("q", [])
+        if len(qs) != 1:
+            raise ValueError("a search takes exactly one q")
+        if search_query(qs[0], repos) != qs[0]:
+            raise ValueError("the search names no repository")
+        return Scope("issues", "read", repos[0])
     if len(parts) < 3 or parts[0] != "repos":
         raise ValueError(f"{path} is not a repository endpoint (/repos/OWNER/NAME/...) or /search/issues")
-    if not all(_SEGMENT.match(p) for p in parts[1:3]):
+    if not all(_SEGMENT.match(p) and p not in (".", "..") for p in parts[1:3]):
         raise ValueError(f"malformed repository in {path!r}")
     repo = f"{parts[1]}/{parts[2]}"
     if not _repo_allowed(repo, repos):
@@ -483,24 +554,8 @@ class GithubCapability(Capability):
         run = call.run
         state = self._state(run)
         check_range(call.memory.size(), out, 16)
-        spec = read_json(call.memory, req_ptr, req_len)
-        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-            raise HostError(Code.INVALID, 'request must be a JSON object with a "path"')
-        method = str(spec.get("method", "GET")).upper()
-        if method not in METHODS:
-            raise HostError(Code.INVALID, f"unsupported method {method}")
-        accept = str(spec.get("accept", "json"))
-        accept = MEDIA_TYPES.get(accept, accept)
-        if not accept.startswith("application/vnd.github") and accept != "application/json":
-            raise HostError(Code.INVALID, "accept must be json/diff/patch/raw/text/full or a GitHub media type")
-        if (body_len & 0xFFFFFFFF) > MAX_BODY:
-            raise HostError(Code.TOO_LARGE, "request body over 8 MiB")
-        body: Any = None
-        if body_len:
-            try:
-                body = json.loads(call.memory.read(body_ptr, body_len))
-            except ValueError:
-                raise HostError(Code.INVALID, "the request body must be JSON") from None
+        spec, body = self._read_request(call, req_ptr, req_len, body_ptr, body_len)
+        method = spec["method"]
         if self.app is None:
             if self.problem:
                 run.logs.append((time.time(), "error", f"wasmflow: GitHub App unusable: {self.problem}"))
@@ -511,15 +566,11 @@ class GithubCapability(Capability):
         if state.installation_id is None:
             raise run.deny("this run's event has no installation id (not a GitHub App delivery)")
         path = spec["path"].replace("{repo}", state.repos[0])
-        query = spec.get("query") or {}
-        if not isinstance(query, dict):
-            raise HostError(Code.INVALID, "query must be an object")
-        paginate = bool(spec.get("paginate", False))
-        max_pages = max(1, min(int(spec.get("max_pages", 10)), MAX_PAGES))
-        if paginate and method == "GET" and "per_page" not in query:
-            query = {**query, "per_page": 100}
-        url = _with_query(path, query)
-        self._check(run, method, url)
+        query = spec["query"]
+        paginate, max_pages, accept = spec["paginate"], spec["max_pages"], spec["accept"]
+        if paginate and method == "GET" and not any(k == "per_page" for k, _ in query):
+            query = [*query, ("per_page", "100")]
+        url = self._check(run, method, path, query)
 
         pages: list[GithubResponse] = []
         truncated = False
@@ -535,14 +586,17 @@ class GithubCapability(Capability):
             if len(pages) >= max_pages:
                 truncated = True
                 break
-            url = self._same_api(nxt)
-            self._check(run, method, url)
+            next_path, next_query = self._same_api(nxt)
+            url = self._check(run, method, next_path, next_query)
 
         status, headers = pages[-1].status, pages[-1].headers
         if len(pages) > 1:
             merged: Any = None
             for page in pages:
-                data = json.loads(page.text)
+                try:
+                    data = json.loads(page.text)
+                except ValueError:
+                    raise HostError(Code.UPSTREAM, "GitHub answered a page that is not JSON") from None
                 if isinstance(data, list):
                     merged = (merged or []) + data
                 elif isinstance(data, dict) and isinstance(data.get("items"), list):
@@ -569,19 +623,77 @@ class GithubCapability(Capability):
         call.memory.write(out, struct.pack("<IIII", h1, l1, h2, l2))
         return Code.OK
 
-    def _check(self, run: RunContext, method: str, url: str) -> None:
-        parsed = urllib.parse.urlsplit(url)
+    def _read_request(self, call: Call, req_ptr: int, req_len: int, body_ptr: int, body_len: int) -> tuple[dict[str, Any], Any]:
+        """The guest's request and body, checked for shape: anything malformed is INVALID, saying what.
+
+        Returns the request with every field present and typed (`query` as a list of string pairs) and
+        the body (None, or a JSON object or array).
+        """
+        try:
+            spec = read_json(call.memory, req_ptr, req_len)
+        except RecursionError:
+            raise HostError(Code.INVALID, "the request JSON nests too deeply") from None
+        if not isinstance(spec, dict):
+            raise HostError(Code.INVALID, 'the request must be a JSON object such as {"path": "/repos/{repo}/pulls/1"}')
+        unknown = sorted(set(spec) - set(REQUEST_FIELDS))
+        if unknown:
+            raise HostError(Code.INVALID, f"unknown request field(s) {', '.join(unknown)}: a request has "
+                                          f"{', '.join(REQUEST_FIELDS)} (the host sets GitHub's headers itself)")
+        if not isinstance(spec.get("path"), str):
+            raise HostError(Code.INVALID, '"path" must be a string such as "/repos/{repo}/pulls/1"')
+        method = spec.get("method", "GET")
+        if not isinstance(method, str) or method.upper() not in METHODS:
+            raise HostError(Code.INVALID, f"method must be one of {', '.join(sorted(METHODS))}")
+        accept = spec.get("accept", "json")
+        if not isinstance(accept, str):
+            raise HostError(Code.INVALID, "accept must be a string: json/diff/patch/raw/text/html/full or a GitHub media type")
+        accept = MEDIA_TYPES.get(accept, accept)
+        if not accept.startswith("application/vnd.github") and accept != "application/json":
+            raise HostError(Code.INVALID, "accept must be json/diff/patch/raw/text/html/full or a GitHub media type")
+        paginate = spec.get("paginate", False)
+        if not isinstance(paginate, bool):
+            raise HostError(Code.INVALID, "paginate must be true or false")
+        max_pages = spec.get("max_pages", 10)
+        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
+            raise HostError(Code.INVALID, f"max_pages must be a whole number from 1 (at most {MAX_PAGES} are fetched)")
+        query = _query_pairs({} if spec.get("query") is None else spec["query"])
+        if (body_len & 0xFFFFFFFF) > MAX_BODY:
+            raise HostError(Code.TOO_LARGE, "request body over 8 MiB")
+        body: Any = None
+        if body_len:
+            try:
+                body = json.loads(call.memory.read(body_ptr, body_len))
+            except RecursionError:
+                raise HostError(Code.INVALID, "the request body nests too deeply") from None
+            except ValueError:
+                raise HostError(Code.INVALID, "the request body must be JSON (UTF-8)") from None
+            if not isinstance(body, (dict, list)):
+                raise HostError(Code.INVALID, "the request body must be a JSON object or array")
+        checked = {"method": method.upper(), "path": spec["path"], "query": query, "accept": accept,
+                   "paginate": paginate, "max_pages": min(max_pages, MAX_PAGES)}
+        return checked, body
+
+    def _check(self, run: RunContext, method: str, path: str, query: list[tuple[str, str]]) -> str:
+        """The URL to send for `path` and `query`, built from exactly what passed the scope and permission
+        checks (a search's `q` limited to the run's repositories); refusals are denials."""
         state = self._state(run)
         try:
-            scope = classify(method, parsed.path, urllib.parse.parse_qs(parsed.query), state.repos)
+            path = normalise_path(path)
+            if path == "/search/issues":
+                query = [(k, search_query(v, state.repos) if k == "q" else v) for k, v in query]
+            multi: dict[str, list[str]] = {}
+            for key, value in query:
+                multi.setdefault(key, []).append(value)
+            scope = classify(method, path, multi, state.repos)
         except ValueError as exc:
-            raise run.deny(f"GitHub {method} {parsed.path}: {exc}") from None
+            raise run.deny(f"GitHub {method} {path[:200]!r}: {exc}") from None
         if not permission_granted(dict(run.flow.allow.github), scope):
-            raise run.deny(f"GitHub {method} {parsed.path} needs `{scope.permission}: {scope.level}` in the flow's "
+            raise run.deny(f"GitHub {method} {path} needs `{scope.permission}: {scope.level}` in the flow's "
                            f"allow.github (it has {dict(run.flow.allow.github) or 'nothing'})")
+        return path + (f"?{urllib.parse.urlencode(query)}" if query else "")
 
-    def _same_api(self, url: str) -> str:
-        """A `Link` URL as a path under the API root; a link to another host is refused."""
+    def _same_api(self, url: str) -> tuple[str, list[tuple[str, str]]]:
+        """A `Link` URL as a path under the API root and its query; a link to another host is refused."""
         assert self.app is not None
         base = urllib.parse.urlsplit(self.app.api_url)
         target = urllib.parse.urlsplit(url)
@@ -591,7 +703,7 @@ class GithubCapability(Capability):
         prefix = base.path.rstrip("/")
         if prefix and path.startswith(prefix + "/"):
             path = path[len(prefix):]
-        return path + (f"?{target.query}" if target.query else "")
+        return path, urllib.parse.parse_qsl(target.query, keep_blank_values=True)
 
     def _send(self, call: Call, method: str, url: str, accept: str, body: Any) -> GithubResponse:
         run = call.run
@@ -615,10 +727,21 @@ class GithubCapability(Capability):
                                 deadline=run.deadline, on_wait=waited, on_call=counted, requester=state.requester)
 
 
-def _with_query(path: str, query: dict[str, Any]) -> str:
-    if not query:
-        return path
-    sep = "&" if "?" in path else "?"
-    return path + sep + urllib.parse.urlencode({k: (json.dumps(v) if isinstance(v, (dict, list)) else
-                                                    str(v).lower() if isinstance(v, bool) else v)
-                                                for k, v in query.items()})
+def _query_pairs(query: Any) -> list[tuple[str, str]]:
+    """A guest's `query` object as (name, value) strings, or INVALID: values are strings, numbers or
+    booleans (`true`/`false`), and `page`/`per_page` are whole numbers (per_page 1..100)."""
+    if not isinstance(query, dict):
+        raise HostError(Code.INVALID, 'query must be an object such as {"state": "open", "per_page": 50}')
+    pairs: list[tuple[str, str]] = []
+    for key, value in query.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (str, int, float)):
+            text = str(value)
+        else:
+            raise HostError(Code.INVALID, f"query {key!r}: values are strings, numbers or booleans")
+        if key in ("page", "per_page"):
+            if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1 or (key == "per_page" and int(text) > 100):
+                raise HostError(Code.INVALID, f"query {key}: a whole number" + (" from 1 to 100" if key == "per_page" else " from 1"))
+        pairs.append((key, text))
+    return pairs

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from aiohttp import web
 
-from wasmflow.platform.ingress import DEFAULT_MAX_BODY, Ingress, error
+from wasmflow.platform.ingress import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY, Ingress, error
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.queue import Queue
 from wasmflow.platform.scheduler import Election, PostgresElection, Scheduler
@@ -45,6 +45,10 @@ class Options:
     poll_interval: float = 0.5
     grace_seconds: float = 30.0  # SIGTERM: how long runs in flight may finish before they are released
     max_body: int = DEFAULT_MAX_BODY
+    # A request's head must arrive within header_timeout of the connection opening (or of the previous
+    # response on it), and its body within body_timeout of the head: slow and short clients are cut off.
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     scheduler: bool = True
     dispatch: bool = True
     webhook_secret: Optional[str] = None  # default: flows.yaml's github.webhook_secret, else $GITHUB_WEBHOOK_SECRET
@@ -171,7 +175,8 @@ class Platform:
         """
         app = web.Application(client_max_size=self.options.max_body + 1, middlewares=[_json_errors])
         ingress = Ingress(self.runtime, self.writer, self.queue, self.metrics, self.run_pool, self.db_pool,
-                          self.options.webhook_secret or webhook_secret(self.runtime), self.options.max_body)
+                          self.options.webhook_secret or webhook_secret(self.runtime), self.options.max_body,
+                          self.options.body_timeout)
         ingress.add_routes(app)
         for hook in extra_routes:
             hook(app, self.runtime)
@@ -219,6 +224,8 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
         raise
     except asyncio.CancelledError:
         raise
+    except RecursionError:  # a route parsing deep JSON from a client without a depth check (openai_api)
+        return error(400, "the body nests arrays or objects too deeply")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error(500, "internal error")
@@ -230,7 +237,10 @@ async def serve(platform: Platform, host: str, port: int, ready: Optional[Callab
     """Serve until SIGTERM or SIGINT (or `stop` is set, when given: for a server on a thread), then shut
     down in order: stop accepting, finish requests, finish or release runs."""
     app = app if app is not None else platform.create_app(extra_routes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # aiohttp's keep-alive timer closes a connection that has not sent a complete request head in time,
+    # whether it is idle between requests or dripping its head a byte at a time.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=platform.options.header_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

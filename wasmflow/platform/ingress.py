@@ -6,6 +6,13 @@ runs (group-committed by `BatchWriter`), answer 202. No flow runs inside the req
 in milliseconds, far inside GitHub's 10 seconds, however slow the guests are.
 
 Every error is a short JSON body with a 4xx/5xx status; a traceback goes to the log, never to a client.
+
+What a client cannot do (docs/security.md): hold a connection without sending a complete request head
+(`header_timeout`, the server's keep-alive timer) or its whole body (`body_timeout`, 408), send a body over
+`max_body` (413), or make the host recurse on deep JSON (`MAX_JSON_DEPTH`, 400). What a guest behind an
+HTTP trigger cannot do: answer with a status outside 200..599, frame the response itself (Content-Length,
+Transfer-Encoding, ...), or send a body with 204/304. An HTTP run keeps its lease while it waits for a run
+slot and while it runs, so recovery never takes back a run whose caller is still waiting.
 """
 
 from __future__ import annotations
@@ -35,6 +42,14 @@ from wasmflow.platform.store import RUNNING, BatchWriter, NewEvent, NewRun, queu
 log = logging.getLogger("wasmflow.ingress")
 
 DEFAULT_MAX_BODY = 25 * 1024 * 1024  # GitHub does not send payloads over 25 MB
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds for a whole request body to arrive, once its head has
+DEFAULT_HEADER_TIMEOUT = 15.0  # seconds for a request head to arrive (and for an idle keep-alive connection)
+MAX_JSON_DEPTH = 64  # arrays/objects inside each other in a webhook payload (GitHub's go about 10 deep)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _EVENT_NAME = re.compile(r"^[a-z_]{1,64}$")
 _DELIVERY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Headers a guest may not set on an HTTP trigger's response: the server frames the response itself.
@@ -54,6 +69,52 @@ def verify_signature(secret: bytes, body: bytes, header: Optional[str]) -> bool:
     return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode("utf-8", "replace"))
 
 
+def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text nests arrays and objects more than `limit` levels deep, found without recursing.
+
+    Python's parser recurses once per level, so 100,000 `[` end in a RecursionError deep in the stack;
+    this looks first: strings removed (brackets in them are text), only brackets kept, then one pass per
+    level deletes the innermost `[]`/`{}` pairs. Text that is not JSON at all is left to the parser.
+    """
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        shorter = _INNERMOST.sub(b"", brackets)  # exactly one level: pairs it leaves adjacent stay
+        if len(shorter) == len(brackets):
+            return False  # unbalanced: not JSON, and the parser says so
+        brackets = shorter
+    return bool(brackets)
+
+
+def loads_bounded(data: bytes, limit: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for bodies from outside: ValueError (saying what is wrong) when not JSON or too deep."""
+    if json_too_deep(data, limit):
+        raise ValueError(f"body is JSON nested deeper than {limit} levels")
+    try:
+        return json.loads(data)
+    except RecursionError:  # malformed and deep: the check above leaves that to the parser
+        raise ValueError(f"body is JSON nested deeper than {limit} levels") from None
+    except ValueError:
+        raise ValueError("body is not JSON") from None
+
+
+def final_status(status: Optional[int]) -> Optional[int]:
+    """The status of an HTTP trigger's response: the guest's (200 when it set none), or None when it is
+    not a final status a server may send (1xx would leave the client waiting for another response,
+    101 would switch protocols on a connection the server still frames)."""
+    if status is None:
+        return 200
+    return status if 200 <= status <= 599 else None
+
+
+def guest_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The guest's response headers that may go out: no framing (hop-by-hop) headers, no malformed names,
+    no control characters in values (the host call refuses them too; this is the last word)."""
+    return [(k, v) for k, v in headers
+            if k.lower() not in _HOP_BY_HOP and _TOKEN.match(k) and not _CONTROL.search(v)]
+
+
 def error(http_status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=http_status)
 
@@ -66,7 +127,8 @@ class Ingress:
     """
 
     def __init__(self, runtime: Any, writer: BatchWriter, queue: Queue, metrics: Metrics, run_pool: Executor,
-                 db_pool: Executor, webhook_secret: Optional[str], max_body: int = DEFAULT_MAX_BODY) -> None:
+                 db_pool: Executor, webhook_secret: Optional[str], max_body: int = DEFAULT_MAX_BODY,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
         self.runtime = runtime
         self.writer = writer
         self.queue = queue
@@ -75,6 +137,9 @@ class Ingress:
         self.db_pool = db_pool
         self.secret = webhook_secret.encode() if webhook_secret else None
         self.max_body = max_body
+        self.body_timeout = body_timeout
+        self._http_runs: set[str] = set()  # HTTP-triggered runs stored and not yet finished: kept leased
+        self._lease_task: Optional[asyncio.Task[None]] = None
 
     def add_routes(self, app: web.Application) -> None:
         if self.secret is None:
@@ -85,26 +150,36 @@ class Ingress:
         app.router.add_route("*", "/flows/{name}/{subpath:.*}", self.flow_http)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_handler)
+        app.on_startup.append(self._start_leases)
+        app.on_cleanup.append(self._stop_leases)
 
     # --- GitHub -------------------------------------------------------------------------------------
 
     def _count(self, outcome: str, source: str = "github") -> None:
         self.metrics.events_received.labels(source=source, outcome=outcome).inc()
 
-    async def _read_body(self, request: web.Request) -> Optional[bytes]:
-        """The raw body, or None when it is over the cap (by its Content-Length or as it streams in)."""
+    async def _read_body(self, request: web.Request, source: str) -> "bytes | web.Response":
+        """The raw body, or the error to answer: 413 over the cap (by its Content-Length or as it streams
+        in), 408 when the whole body has not arrived within `body_timeout` (a short body, a slow drip)."""
         if request.content_length is not None and request.content_length > self.max_body:
-            return None
+            self._count("too_large", source)
+            return error(413, f"body over {self.max_body} bytes")
         try:
-            return await request.read()
+            return await asyncio.wait_for(request.read(), self.body_timeout)
         except web.HTTPRequestEntityTooLarge:
-            return None
+            self._count("too_large", source)
+            return error(413, f"body over {self.max_body} bytes")
+        except asyncio.TimeoutError:
+            self._count("timeout", source)
+            response = error(408, f"the request body did not arrive within {self.body_timeout:g} s; "
+                                  "send it in one go, with a Content-Length that matches it")
+            response.force_close()
+            return response
 
     async def github_webhook(self, request: web.Request) -> web.Response:
-        body = await self._read_body(request)
-        if body is None:
-            self._count("too_large")
-            return error(413, f"body over {self.max_body} bytes")
+        body = await self._read_body(request, "github")
+        if isinstance(body, web.Response):
+            return body
         if self.secret is None:
             self._count("bad_signature")
             return error(401, "no webhook secret configured on this server")
@@ -123,10 +198,10 @@ class Ingress:
         if request.content_type == "application/x-www-form-urlencoded":  # GitHub's other content type
             payload_bytes = parse_qs(body.decode("utf-8", "replace")).get("payload", [""])[0].encode()
         try:
-            payload = json.loads(payload_bytes)
-        except ValueError:
+            payload = loads_bounded(payload_bytes)
+        except ValueError as exc:
             self._count("malformed")
-            return error(400, "body is not JSON")
+            return error(400, str(exc))
         if not isinstance(payload, dict):
             self._count("malformed")
             return error(400, "body is not a JSON object")
@@ -173,10 +248,9 @@ class Ingress:
         if request.method not in methods:
             return web.json_response({"error": f"method {request.method} not allowed"}, status=405,
                                      headers={"Allow": ", ".join(methods)})
-        body = await self._read_body(request)
-        if body is None:
-            self._count("too_large", "http")
-            return error(413, f"body over {self.max_body} bytes")
+        body = await self._read_body(request, "http")
+        if isinstance(body, web.Response):
+            return body
         headers = {k.lower(): v for k, v in request.headers.items()}
         headers.update({":method": request.method, ":path": request.path, ":query": request.query_string})
         run = NewRun(flow=name, trigger="http", max_attempts=1, state=RUNNING, lease_owner=self.queue.owner,
@@ -193,27 +267,73 @@ class Ingress:
         loop = asyncio.get_running_loop()
         claimed = ClaimedRun(id=run.id, flow=name, attempt=1, max_attempts=1, trigger="http", event=event,
                              event_id=stored.id)
+        self._http_runs.add(run.id)  # leased from here until its result is stored, however long it waits
         try:
-            result: RunResult = await loop.run_in_executor(
-                self.run_pool, lambda: self.runtime.run(name, event, run_id=run.id, attempt=1))
-        except Exception as exc:
-            log.exception("run %s of %s: host error", run.id, name)
-            result = RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}")
-        try:
-            await loop.run_in_executor(self.db_pool, self.queue.finish, claimed, result, Retry(attempts=1))
-        except Exception:
-            log.exception("run %s: storing the result failed", run.id)
+            try:
+                result: RunResult = await loop.run_in_executor(
+                    self.run_pool, lambda: self.runtime.run(name, event, run_id=run.id, attempt=1))
+            except Exception as exc:
+                log.exception("run %s of %s: host error", run.id, name)
+                result = RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}")
+            status = final_status(result.response_status)
+            if result.ok and status is None:  # the host call refuses these; a result must not carry one
+                result.status = Status.ERROR
+                result.error = f"the guest set HTTP status {result.response_status}, outside 200..599"
+            try:
+                await loop.run_in_executor(self.db_pool, self.queue.finish, claimed, result, Retry(attempts=1))
+            except Exception:
+                log.exception("run %s: storing the result failed", run.id)
+        finally:
+            self._http_runs.discard(run.id)
         self.metrics.runs.labels(flow=name, status=str(result.status)).inc()
         self.metrics.run_duration.labels(flow=name).observe((result.instantiate_ms + result.run_ms) / 1000)
+        self.metrics.output_truncated(name, result.truncated)
         if not result.ok:
             return error(500, f"flow {name} failed ({result.status})", run_id=run.id, status=str(result.status))
-        response = web.Response(status=result.response_status or 200,
-                                body=result.response_body if result.response_body is not None else (result.output or b""))
-        for key, value in result.response_headers:
-            if key.lower() not in _HOP_BY_HOP:
-                response.headers.add(key, value)
+        assert status is not None
+        body_out = result.response_body if result.response_body is not None else (result.output or b"")
+        if status in (204, 304):  # no body by definition: bytes after the head would start a "response"
+            body_out = b""
+        response = web.Response(status=status, body=body_out)
+        for key, value in guest_headers(result.response_headers):
+            response.headers.add(key, value)
         response.headers["X-Wasmflow-Run"] = run.id
         return response
+
+    async def _start_leases(self, app: web.Application) -> None:
+        self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases())
+
+    async def _stop_leases(self, app: web.Application) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            try:
+                await self._lease_task
+            except asyncio.CancelledError:
+                pass
+
+    async def _keep_leases(self) -> None:
+        """Heartbeat the leases of HTTP runs in flight, as the dispatcher does for the runs it claimed.
+
+        An HTTP run may wait for a run slot and then run to its timeout; without this its lease (stored
+        as timeout + lease) could expire while the caller still waits, and recovery would record the run
+        `dead/lost` though the caller then got its answer.
+        """
+        loop = asyncio.get_running_loop()
+        interval = max(0.1, self.queue.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._http_runs)
+            if not ids:
+                continue
+            try:
+                kept = await loop.run_in_executor(self.db_pool, self.queue.heartbeat, ids)
+            except Exception as exc:  # a busy database: the next beat comes well inside the lease
+                log.warning("renewing the leases of %d HTTP runs failed (%s); retrying", len(ids),
+                            exc.__class__.__name__)
+                continue
+            for run_id in set(ids) - kept:
+                if run_id in self._http_runs:
+                    log.warning("HTTP run %s: lease lost while running", run_id)
 
     # --- operations ---------------------------------------------------------------------------------
 
