@@ -223,15 +223,17 @@ def test_pending_migrations_run_once_in_order(tmp_path, monkeypatch):
     engine = dbmod.open_database(f"sqlite:///{tmp_path / 'm.db'}")
     applied = []
 
+    following = dbmod.SCHEMA_VERSION + 1
+
     def add_column(conn: sa.Connection) -> None:
-        applied.append(2)
+        applied.append(following)
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN note TEXT"))
 
-    monkeypatch.setitem(dbmod.MIGRATIONS, 2, add_column)
-    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", 2)
-    assert dbmod.migrate(engine) == 2
-    assert dbmod.migrate(engine) == 2
-    assert applied == [2]
+    monkeypatch.setitem(dbmod.MIGRATIONS, following, add_column)
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", following)
+    assert dbmod.migrate(engine) == following
+    assert dbmod.migrate(engine) == following
+    assert applied == [following]
     assert "note" in [c["name"] for c in sa.inspect(engine).get_columns("runs")]
 
 

@@ -20,6 +20,9 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from wasmflow.terminal import GuestSafeFormatter, clean, guest_text
 
 # Tables are read in terminals and in CI logs alike: outside a terminal, do not squeeze them into 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -41,8 +44,10 @@ def _db_option(f):  # type: ignore[no-untyped-def]
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    """Server logs on stderr; run errors and names in them may carry a guest's escapes: cleaned."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(GuestSafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _open_store(flows_path: Optional[Path], database_url: Optional[str]) -> sa.Engine:
@@ -108,9 +113,11 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
                engine: Optional[str], log_level: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
     """Serve webhooks, HTTP triggers, schedules and workers in one process (SQLite by default)."""
     from wasmflow.cli import load_runtime
-    from wasmflow.platform.app import Platform, PlatformError, default_route_hooks, serve
+    from wasmflow.platform.app import Platform, PlatformError, default_route_hooks
+    from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform
 
     _setup_logging(log_level)
+    stopping = StopSignal().install()  # before anything is loaded or claimed
     runtime = load_runtime(flows_path, engine, database_url)
     if workers == 0 and runtime.db.dialect.name != "postgresql":
         runtime.close()
@@ -118,6 +125,10 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
                           "PostgreSQL (--database-url); on SQLite `wasmflow up` runs them itself")
         sys.exit(2)
     platform = Platform(runtime, _platform_options(workers, lease, grace, max_body, dispatch=workers > 0))
+    watch_platform(stopping, platform)
+    if stopping.is_set():  # stopped while loading: nothing was claimed
+        runtime.close()
+        return
     try:
         platform.start()
     except PlatformError as exc:
@@ -125,7 +136,7 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
         runtime.close()
         sys.exit(2)
     try:
-        asyncio.run(serve(platform, host, port, extra_routes=default_route_hooks()))
+        asyncio.run(serve_until_stopped(stopping, platform, host, port, extra_routes=default_route_hooks()))
     except OSError as exc:  # port in use, address not available
         platform.stop()
         err_console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror or exc} "
@@ -150,11 +161,13 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
                    metrics_port: Optional[int], metrics_host: str) -> None:
     """Execute queued runs (and run the scheduler if elected) from a shared PostgreSQL store."""
     from wasmflow.cli import load_runtime
-    from wasmflow.platform.app import Platform, PlatformError, wait_for_signal
+    from wasmflow.platform.app import Platform, PlatformError
+    from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform
 
     _setup_logging(log_level)
     if workers == 0:
         raise click.UsageError("a worker needs at least one run slot (--workers 1 or more)")
+    stopping = StopSignal().install()  # before anything is loaded or claimed
     runtime = load_runtime(flows_path, engine, database_url)
     if runtime.db.dialect.name != "postgresql":
         runtime.close()
@@ -162,6 +175,10 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
                           "(--database-url or WASMFLOW_DATABASE_URL); on SQLite `wasmflow up` runs the workers")
         sys.exit(2)
     platform = Platform(runtime, _platform_options(workers, lease, grace, 0, scheduler=not no_scheduler))
+    watch_platform(stopping, platform)
+    if stopping.is_set():  # stopped while loading: nothing was claimed
+        runtime.close()
+        return
     try:
         platform.start()
     except PlatformError as exc:
@@ -169,11 +186,12 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
         sys.exit(2)
     logging.getLogger("wasmflow.worker").info("worker %s started (%d run slots)", platform.owner, workers)
     if metrics_port is not None:
-        from wasmflow.platform.app import ops_app, serve
+        from wasmflow.platform.app import ops_app
 
-        asyncio.run(serve(platform, metrics_host, metrics_port, app=ops_app(platform)))  # stops the platform
+        asyncio.run(serve_until_stopped(stopping, platform, metrics_host, metrics_port,
+                                        app=ops_app(platform)))  # stops the platform
     else:
-        wait_for_signal()
+        stopping.wait()
         logging.getLogger("wasmflow.worker").info("shutting down: finishing runs in flight")
         platform.stop()
     if platform.dispatcher and platform.dispatcher.in_flight:
@@ -204,8 +222,8 @@ def runs_command(flow: Optional[str], status: Optional[str], limit: int, databas
         table.add_row(
             row.id, row.flow, f"[{STATE_STYLE.get(row.state, 'default')}]{row.state}[/]",
             f"[{STATUS_STYLE.get(row.status or '', 'default')}]{row.status or ''}[/]", str(row.attempt),
-            escape(event), _when(row.created_at), f"{row.duration_ms:.1f}" if row.duration_ms is not None else "",
-            escape((row.error or "").splitlines()[0][:80] if row.error else ""),
+            guest_text(event), _when(row.created_at), f"{row.duration_ms:.1f}" if row.duration_ms is not None else "",
+            guest_text((row.error or "").splitlines()[0][:80] if row.error else ""),
         )
     if rows:
         console.print(table)
@@ -224,7 +242,7 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
     db = _open_store(flows_path, database_url)
     run = get_run(db, run_id)
     if run is None:
-        err_console.print(f"[red]error:[/red] no run {escape(run_id)!s}")
+        err_console.print(f"[red]error:[/red] no run {escape(clean(run_id))}")
         sys.exit(1)
     event = get_event(db, run.event_id)
     head = f"run {run.id}  flow {run.flow}  [{STATE_STYLE.get(run.state, 'default')}]{run.state}[/]"
@@ -233,8 +251,8 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
     console.print(head)
     if event is not None:
         what = event.name + (f".{event.action}" if event.action else "") + (f" {event.repo}" if event.repo else "")
-        console.print(f"[dim]event {event.id} {escape(what)}"
-                      + (f" delivery {event.delivery_id}" if event.delivery_id else "") + "[/dim]")
+        what = f"event {event.id} {what}" + (f" delivery {event.delivery_id}" if event.delivery_id else "")
+        console.print(guest_text(what, style="dim"), soft_wrap=True)
     if run.replay_of:
         console.print(f"[dim]replay of {run.replay_of}[/dim]")
     attempts = get_attempts(db, run.id)
@@ -245,16 +263,17 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
         for a in attempts:
             table.add_row(str(a.attempt), a.worker, _when(a.claimed_at), a.status or "running",
                           f"{a.duration_ms:.1f}" if a.duration_ms is not None else "",
-                          escape((a.error or "")[:100]))
+                          guest_text((a.error or "")[:100]))
         console.print(table)
     for ts, level, message in decode_logs(run.logs):
         stamp = datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
-        console.print(f"[dim]{stamp}[/dim] {level:5} {escape(message)}")
+        console.print(Text.assemble((stamp, "dim"), f" {level:5} ", guest_text(message, indent=len(stamp) + 7)),
+                      soft_wrap=True)
     for name in ("stdout", "stderr"):
         data = getattr(run, name)
         if data:
             console.print(f"[dim]--- {name} ---[/dim]")
-            console.print(bytes(data).decode("utf-8", "replace").rstrip("\n"), markup=False)
+            console.print(guest_text(bytes(data).rstrip(b"\n")), soft_wrap=True)
     if run.output is not None:
         console.print("[dim]--- output ---[/dim]")
         text = bytes(run.output).decode("utf-8", "replace")
@@ -262,9 +281,9 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
             text = json.dumps(json.loads(text), indent=2)
         except ValueError:
             pass
-        console.print(text, markup=False)
+        console.print(guest_text(text), soft_wrap=True)
     if run.error:
-        console.print(f"[red]{escape(run.error)}[/red]")
+        console.print(guest_text(run.error, style="red"), soft_wrap=True)
 
 
 @click.command("events")
@@ -281,9 +300,9 @@ def events_command(source: Optional[str], limit: int, database_url: Optional[str
     for column in ("event", "source", "name", "repo", "delivery", "received", "status", "runs", "note"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row.id, row.source, escape(row.name + (f".{row.action}" if row.action else "")),
-                      escape(row.repo or ""), escape(row.delivery_id or ""), _when(row.received_at),
-                      row.status, str(row.runs_created), escape(row.note or ""))
+        table.add_row(row.id, row.source, guest_text(row.name + (f".{row.action}" if row.action else "")),
+                      guest_text(row.repo or ""), guest_text(row.delivery_id or ""), _when(row.received_at),
+                      row.status, str(row.runs_created), guest_text(row.note or ""))
     if rows:
         console.print(table)
     else:
@@ -312,7 +331,7 @@ def replay_command(ref: str, database_url: Optional[str], flows_path: Optional[P
     try:
         new_ids = replay(_open_store(flows_path, database_url), ref, flows)
     except ReplayError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        err_console.print(f"[red]error:[/red] {escape(clean(str(exc)))}")
         sys.exit(1)
     for run_id in new_ids:
         console.print(f"queued run {run_id}")

@@ -74,6 +74,9 @@ runs_table = sa.Table(
     sa.Column("lease_owner", sa.String(160)),
     sa.Column("lease_expires_at", sa.Float),
     sa.Column("lease_expiries", sa.Integer, nullable=False, default=0),
+    # Claims so far, counting those released or taken back (an attempt is not counted then): the number
+    # the guest sees as its execution, which never repeats for a run, so effects can be keyed on it.
+    sa.Column("executions", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("logs", sa.Text),  # JSON [[unix_time, level, message], ...] of the latest attempt
     sa.Column("output", sa.LargeBinary),
     sa.Column("stdout", sa.LargeBinary),
@@ -120,7 +123,14 @@ schema_version_table = sa.Table(
 
 # Versioned migrations: `create_all` creates missing tables; each later change to an existing table is one
 # function here, keyed by the version it brings the schema to. A fresh database starts at SCHEMA_VERSION.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {}
+
+def _add_run_executions(conn: sa.Connection) -> None:
+    """Version 2: `runs.executions`; a run stored before has been executed at least `attempt` times."""
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN executions INTEGER NOT NULL DEFAULT 0"))
+    conn.execute(sa.text("UPDATE runs SET executions = attempt"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _add_run_executions}
 SCHEMA_VERSION = max([1, *MIGRATIONS])
 
 

@@ -5,6 +5,11 @@ At-least-once, the way procrastinate, graphile-worker and Oban do it: a run is c
 on or take the same row; on SQLite the UPDATE itself is atomic and the database has a single writer.
 Every state change checks the lease owner, so a worker whose lease was taken over cannot overwrite the
 run. A run whose worker died is taken again when its lease expires.
+
+A run keeps its place in the queue (`available_at`) when it is released or taken back from a dead
+worker, so it is claimed again before runs stored after it; only a retry's backoff moves it. Every claim
+counts an execution (`executions`), which the guest sees and which never repeats for a run, whereas
+the attempt is given back when a run is released unstarted or cut by a shutdown.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class ClaimedRun:
     trigger: str
     event: Event
     event_id: str
+    # The claim's number among all claims of the run (releases and lease losses included): 1, 2, ...
+    execution: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,11 +132,14 @@ class Queue:
             rows = conn.execute(
                 r.update()
                 .where(picked, r.c.state == QUEUED)
-                .values(state=RUNNING, attempt=r.c.attempt + 1, lease_owner=self.owner,
-                        lease_expires_at=now + self.lease_seconds, started_at=now, finished_at=None)
+                .values(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
+                        lease_owner=self.owner, lease_expires_at=now + self.lease_seconds, started_at=now,
+                        finished_at=None)
                 .returning(r.c.id, r.c.event_id, r.c.flow, r.c.attempt, r.c.max_attempts, r.c.trigger,
-                           r.c.idempotency_key)
+                           r.c.idempotency_key, r.c.executions, r.c.available_at)
             ).all()
+            # RETURNING follows no ORDER BY: hand the runs out in their queue order.
+            rows.sort(key=lambda row: row.available_at)
             if not rows:
                 return []
             conn.execute(attempts_table.insert(), [
@@ -145,7 +155,7 @@ class Queue:
             ev = events[row.event_id]
             claimed.append(ClaimedRun(
                 id=row.id, flow=row.flow, attempt=row.attempt, max_attempts=row.max_attempts,
-                trigger=row.trigger, event_id=row.event_id,
+                trigger=row.trigger, event_id=row.event_id, execution=row.executions,
                 event=Event(name=ev.name, body=bytes(ev.body), headers=json.loads(ev.headers),
                             idempotency_key=row.idempotency_key or row.id, trigger=row.trigger),
             ))
@@ -235,7 +245,11 @@ class Queue:
         return decided
 
     def release(self, run_ids: list[str]) -> int:
-        """Give runs back unfinished (graceful shutdown): queued again now, the attempt not counted."""
+        """Give runs back unfinished (graceful shutdown): queued again at their place, the attempt not counted.
+
+        `available_at` is left as it was, so a released run is claimed again before the runs stored after
+        it; its execution number is kept, so its next claim gets a new one.
+        """
         if not run_ids:
             return 0
         now = self.clock()
@@ -244,8 +258,7 @@ class Queue:
             rows = conn.execute(
                 r.update()
                 .where(r.c.id.in_(run_ids), r.c.lease_owner == self.owner, r.c.state == RUNNING)
-                .values(state=QUEUED, attempt=r.c.attempt - 1, lease_owner=None, lease_expires_at=None,
-                        available_at=now)
+                .values(state=QUEUED, attempt=r.c.attempt - 1, lease_owner=None, lease_expires_at=None)
                 .returning(r.c.id)
             ).all()
             if rows:
@@ -263,7 +276,8 @@ class Queue:
         With `orphans` every running run not leased by this owner is recovered at once, lease or not:
         for a process that holds the store alone (SQLite under `wasmflow up`'s lock), any other lease
         belongs to a process that is gone. HTTP-triggered runs are not retried (their caller is gone
-        too) and a run lost MAX_LEASE_LOSSES times is dead.
+        too) and a run lost MAX_LEASE_LOSSES times is dead. A run queued again keeps its `available_at`:
+        it is claimed before the runs stored after it, not sent to the back of the queue.
         """
         now = self.clock()
         r = runs_table
@@ -284,7 +298,6 @@ class Queue:
                     error=sa.case((give_up, "the worker running it stopped before it finished"), else_=r.c.error),
                     finished_at=sa.case((give_up, now), else_=None),
                     lease_expiries=r.c.lease_expiries + 1, lease_owner=None, lease_expires_at=None,
-                    available_at=now,
                 )
                 .returning(r.c.id)
             ).all()

@@ -97,7 +97,7 @@ def run_row(run: NewRun, event_id: str, now: float) -> dict[str, Any]:
     return dict(
         id=run.id, event_id=event_id, flow=run.flow, seq=run.seq, trigger=run.trigger,
         idempotency_key=run.idempotency_key, state=run.state, attempt=1 if run.state == RUNNING else 0,
-        max_attempts=run.max_attempts, created_at=now, available_at=now,
+        executions=1 if run.state == RUNNING else 0, max_attempts=run.max_attempts, created_at=now, available_at=now,
         started_at=now if run.state == RUNNING else None, lease_owner=run.lease_owner,
         lease_expires_at=run.lease_expires_at, lease_expiries=0, replay_of=run.replay_of,
     )

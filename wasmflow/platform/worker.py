@@ -7,6 +7,11 @@ are threads (a claim costs about the same for one run as for ten, and a run wait
 for a thread); one finisher thread stores results, many per transaction; a maintenance thread renews the
 leases of the runs held and takes back runs whose worker died. On PostgreSQL a listener thread wakes the
 claim loop when another process stores runs (LISTEN/NOTIFY).
+
+Stopping is in two steps. `drain` (called the moment SIGTERM arrives) stops claiming and gives back at once
+the runs claimed but not yet started, at their place in the queue and without counting an attempt: a
+shutdown must not start work it will then cut. `stop` then lets the runs already executing finish for the
+grace period and releases those that do not.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="wasmflow-run")
         self._in_flight: dict[str, ClaimedRun] = {}
         self._finishing: set[str] = set()  # results being stored: no heartbeat, not lost
+        self._started: set[str] = set()  # runs whose guest has started: only these are waited for on stop
         self._slots = threading.Condition()
         self._wake = threading.Event()
         self._stopping = threading.Event()  # no more claims
@@ -64,6 +70,8 @@ class Dispatcher:
         self._finisher = threading.Thread(target=self._finish_loop, name="wasmflow-finish", daemon=True)
         self._listener: Optional[Listener] = None
         self.completed = 0
+        self.released = 0  # runs given back to the queue by `drain` and `stop`
+        self._drained_at: Optional[float] = None  # when the stop began: the grace period counts from it
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -81,32 +89,61 @@ class Dispatcher:
         """New runs were stored: claim now instead of at the next poll."""
         self._wake.set()
 
-    def stop(self, grace: float = 30.0) -> int:
-        """Stop claiming, let runs in flight finish for up to `grace` seconds, release the rest.
+    def drain(self) -> int:
+        """Stop claiming and give back every run claimed but not started; returns how many were released.
 
-        Returns how many runs were released (queued again, their attempt not counted) for another worker
-        or the next start to take.
+        Safe to call more than once and from any thread (the signal handler's). A run is either started
+        before this takes the lock, and then finishes or is cut by `stop`, or never starts here.
         """
-        self._stopping.set()
-        self._wake.set()
-        if self._listener is not None:
-            self._listener.stop()
         with self._slots:
+            if not self._stopping.is_set():
+                self._drained_at = time.monotonic()
+            self._stopping.set()
+            unstarted = [i for i in self._in_flight if i not in self._started]
+            for run_id in unstarted:
+                del self._in_flight[run_id]
+            self.metrics.in_flight.set(len(self._in_flight))
             self._slots.notify_all()
-        if self._threads:
-            self._threads[0].join(timeout=5)  # the claim loop
-        deadline = time.monotonic() + grace
+        self._wake.set()
+        released = self._release(unstarted)
+        if unstarted:
+            log.info("released %d claimed runs that had not started", released)
+        return released
+
+    def _release(self, run_ids: list[str]) -> int:
+        if not run_ids:
+            return 0
+        try:
+            released = self.queue.release(run_ids)
+        except sa.exc.SQLAlchemyError:
+            log.exception("releasing %d runs failed; their leases will expire", len(run_ids))
+            return 0
+        with self._slots:
+            self.released += released
+        return released
+
+    def stop(self, grace: float = 30.0) -> int:
+        """Stop claiming, release runs not started, let the others finish for `grace` seconds, cut the rest.
+
+        The grace period counts from the first `drain` (the signal), however long the shutdown of what
+        came before took: a supervisor's kill timer started then too.
+
+        Returns how many runs were released (queued again at their place, their attempt not counted) for
+        another worker or the next start to take.
+        """
+        self.drain()
+        deadline = (self._drained_at or time.monotonic()) + grace
         with self._slots:
             while self._in_flight and time.monotonic() < deadline:
                 self._slots.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-            left = list(self._in_flight)
-        released = 0
+            # A run whose result is being stored has finished: the finisher stores it below.
+            left = [i for i in self._in_flight if i not in self._finishing]
         if left:
-            try:
-                released = self.queue.release(left)
-            except sa.exc.SQLAlchemyError:
-                log.exception("releasing %d runs failed; their leases will expire", len(left))
-            log.warning("released %d runs still running after %.0fs", released, grace)
+            log.warning("released %d runs still running after %.0fs", self._release(left), grace)
+        if self._listener is not None:
+            self._listener.stop()
+        if self._threads:
+            self._threads[0].join(timeout=5)  # the claim loop (it releases what a claim in progress took)
         self._results.put(None)
         if self._finisher.is_alive():
             self._finisher.join(timeout=10)
@@ -114,7 +151,7 @@ class Dispatcher:
         if len(self._threads) > 1:
             self._threads[1].join(timeout=5)
         self._pool.shutdown(wait=not left, cancel_futures=True)
-        return released
+        return self.released
 
     @property
     def in_flight(self) -> int:
@@ -147,9 +184,14 @@ class Dispatcher:
                 self._wake.wait(self.poll_interval)
                 continue
             with self._slots:
-                for run in runs:
-                    self._in_flight[run.id] = run
-                self.metrics.in_flight.set(len(self._in_flight))
+                late = self._stopping.is_set()  # drained while this claim was in progress
+                if not late:
+                    for run in runs:
+                        self._in_flight[run.id] = run
+                    self.metrics.in_flight.set(len(self._in_flight))
+            if late:
+                self._release([run.id for run in runs])
+                return
             for run in runs:
                 self._pool.submit(self._execute, run)
 
@@ -176,6 +218,10 @@ class Dispatcher:
     # --- one run -----------------------------------------------------------------------------------
 
     def _execute(self, run: ClaimedRun) -> None:
+        with self._slots:  # released by `drain` while it waited for a thread: it must not start
+            if self._stopping.is_set() or run.id not in self._in_flight:
+                return
+            self._started.add(run.id)
         try:
             result, status, retry = self._run(run)
         except BaseException as exc:  # never lose a slot: record even the impossible as a host failure
@@ -189,7 +235,8 @@ class Dispatcher:
             return (RunResult(status=Status.INVALID, run_id=run.id,
                               error=f"flow {run.flow!r} is no longer in flows.yaml"), None, Retry())
         try:
-            result = self.runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt)
+            result = self.runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt,
+                                      execution=run.execution)
             if result.status in (Status.ERROR, Status.TRAP) and result.upstream_failures:
                 # The guest failed because a service beyond it did (its HTTP, GitHub or LLM call
                 # answered UPSTREAM or TIMEOUT): transient, retried as `upstream`, not filed as a bug.
@@ -237,6 +284,7 @@ class Dispatcher:
             for outcome in batch:
                 self._in_flight.pop(outcome.run.id, None)
                 self._finishing.discard(outcome.run.id)
+                self._started.discard(outcome.run.id)
             self.metrics.in_flight.set(len(self._in_flight))
             self._slots.notify_all()
 
@@ -245,6 +293,7 @@ class Dispatcher:
         final_status = outcome.status or str(result.status)
         self.metrics.runs.labels(flow=run.flow, status=final_status).inc()
         self.metrics.run_duration.labels(flow=run.flow).observe((result.instantiate_ms + result.run_ms) / 1000)
+        self.metrics.output_truncated(run.flow, result.truncated)
         if finish.state == "queued":
             self.metrics.retries.labels(flow=run.flow).inc()
             log.info("run %s of %s: %s, attempt %d; retry in %.1fs", run.id, run.flow, final_status,

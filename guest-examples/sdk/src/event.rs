@@ -54,6 +54,9 @@ pub struct RunInfo {
     pub run_id: String,
     /// 1 for the first attempt, 2 and up for retries of the same event.
     pub attempt: u32,
+    /// 1, 2, ...: grows on every claim of the run, also when a shutdown or a lost worker gave it back
+    /// and `attempt` stayed the same, so it tells two executions of one attempt apart.
+    pub execution: u32,
     /// The same for every attempt at one event (GitHub delivery id, schedule tick, or the run id):
     /// key side effects on it so a retried run does not repeat them.
     pub idempotency_key: String,
