@@ -19,7 +19,7 @@ from rich.text import Text
 from wasmflow.terminal import clean
 
 from .loader import FlowsError, LoadedFlows, load_flows
-from .model import Flow, Limits, Trigger
+from .model import Flow, Limits, Trigger, format_duration, format_size
 
 _DEFAULT_METHODS = ["GET", "POST"]
 
@@ -136,22 +136,3 @@ def module_warnings(loaded: LoadedFlows) -> list[str]:
     return [f"flow {flow.name!r}: module {flow.module!r} not found in {loaded.base_dir} "
             "(build it, or fix the path; relative paths are relative to the flows file)"
             for flow in loaded.file.flows if not loaded.resolve(flow.module).exists()]
-
-
-def format_duration(seconds: float) -> str:
-    if seconds == 0:
-        return "0s"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    if seconds >= 1:
-        return f"{seconds:g}s"
-    return f"{seconds * 1000:g}ms"
-
-
-def format_size(size: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024), ("GB", 1000**3), ("MB", 1000**2),
-                         ("KB", 1000)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B"
