@@ -123,3 +123,37 @@ def test_local_chat_with_gemma_through_the_wasi_nn_registry() -> None:
                                               "max_tokens": 16, "temperature": 0})
     assert answer["backend"] == "local" and answer["content"].strip() and answer["usage"]["completion_tokens"] <= 16
     registry.close()
+
+
+def test_local_chat_and_embeddings_stop_at_the_run_deadline_and_the_endpoint_timeout(tmp_path: Path) -> None:
+    """The local route is a host call the engine cannot interrupt: the shared token loop checks the run's
+    deadline between decode steps (the run ends `timeout`), and `llm.chat.timeout` ends the answer early
+    with finish_reason "time"."""
+    pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
+    from wasmflow.wasi_nn.registry import ModelRegistry
+    from wasmflow.wasi_nn.testmodels import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "long.gguf", n_ctx=8192)
+    registry = ModelRegistry.from_config({"long": {"backend": "ggml", "path": str(path), "target": "cpu",
+                                                   "options": {"ctx-size": 8192}}}, use_env=False)
+    cap = LlmCapability(registry=registry)
+    ask = {"messages": [{"role": "user", "content": "once upon a time"}], "max_tokens": 8000}
+    try:
+        run = make_run(LlmSettings(chat=LlmEndpoint(model="long", options={"ignore_eos": True})), models=["long"], timeout=0.8)
+        t0 = time.monotonic()
+        with pytest.raises(HostError) as err:
+            call(cap, "llm_chat", run, Memory(), ask)
+        assert err.value.code == Code.TIMEOUT and run.halted is not None and run.halted[0] == "timeout", run.halted
+        assert time.monotonic() - t0 < 2.0
+        run = make_run(LlmSettings(chat=LlmEndpoint(model="long", timeout=0.3, options={"ignore_eos": True})), models=["long"])
+        t0 = time.monotonic()
+        answer = call(cap, "llm_chat", run, Memory(), ask)
+        assert answer["finish_reason"] == "time" and 0 < answer["usage"]["completion_tokens"] < 8000 and run.halted is None
+        assert time.monotonic() - t0 < 2.0
+        run = make_run(LlmSettings(embeddings=LlmEndpoint(model="long")), models=["long"], timeout=0.5)
+        time.sleep(0.6)  # the deadline has passed: the call is refused before any work
+        with pytest.raises(HostError) as err:
+            call(cap, "llm_embed", run, Memory(), {"input": ["a", "b"]})
+        assert err.value.code == Code.TIMEOUT
+    finally:
+        registry.close()

@@ -12,7 +12,9 @@ interface; the issue-triage example uses it for embeddings.)
   `api_key_secret` (read by the host; the guest never sees it), no client-side retries (a failed call is
   `UPSTREAM`, and the platform retries the run with backoff), timeout bounded by the run's deadline.
 * Local: the model named in `models:` through the WASI-NN model registry, so the weights are loaded once
-  per process and shared with WASI-NN guests; `create_chat_completion` applies the GGUF's chat template.
+  per process and shared with WASI-NN guests, and through the WASI-NN package's one generation and one
+  embedding path (`wasi_nn/generation.py`, reached as `registry.run_chat` / `run_embed`), the same
+  that serves WASI-NN guests and `/v1`: same prompt, same token counts, same L2-normalised vectors.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field
 
-from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, i32s, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, write_result
 from .validate import GuestRequest, read_request
 
 log = logging.getLogger("wasmflow.llm")
@@ -36,6 +38,7 @@ MAX_MESSAGES_BYTES = 4 * 1024 * 1024
 MAX_CALLS = 50  # chat + embedding calls per run
 MAX_INPUTS = 256
 DEFAULT_MAX_TOKENS = 1024
+LOCAL_REPEAT_PENALTY = 1.15  # local models' default (an endpoint option can change it): small ones loop without it
 
 # The request shapes, declared once: anything else is INVALID before an endpoint or model sees it.
 class ChatMessage(GuestRequest):
@@ -94,9 +97,9 @@ class LlmCapability(Capability):
 
     def functions(self) -> list[HostFunction]:
         return [
-            HostFunction("wasmflow", "llm_chat", i32s(3), ("i32",), self.llm_chat),
-            HostFunction("wasmflow", "llm_embed", i32s(3), ("i32",), self.llm_embed),
-            HostFunction("wasmflow", "llm_info", i32s(1), ("i32",), self.llm_info),
+            HostFunction("wasmflow", "llm_chat", "ptr len ptr", ("i32",), self.llm_chat),
+            HostFunction("wasmflow", "llm_embed", "ptr len ptr", ("i32",), self.llm_embed),
+            HostFunction("wasmflow", "llm_info", "ptr", ("i32",), self.llm_info),
         ]
 
     def open_run(self, run: RunContext) -> None:
@@ -183,13 +186,14 @@ class LlmCapability(Capability):
 
     def llm_chat(self, call: Call, req_ptr: int, req_len: int, out: int) -> int:
         run = call.run
-        if (req_len & 0xFFFFFFFF) > MAX_MESSAGES_BYTES:
+        if req_len > MAX_MESSAGES_BYTES:
             raise HostError(Code.TOO_LARGE, "chat request over 4 MiB")
         endpoint = self._endpoint(run, "chat")
         request: ChatRequest = self._request(call, req_ptr, req_len, ChatRequest, "llm_chat", CHAT_EXPECTED)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         params: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS, **endpoint.options}
         params.pop("context", None)
+        params.pop("chat_format", None)  # a local-route option; `_local_chat` reads it from the endpoint
         params.update(request.model_dump(include=set(SAMPLING), exclude_none=True))
         want_json = request.response_format == "json"
         state = self._count(run)
@@ -235,68 +239,29 @@ class LlmCapability(Capability):
 
     def _local_chat(self, run: RunContext, endpoint: Any, messages: list[dict[str, Any]], params: dict[str, Any],
                     want_json: bool) -> dict[str, Any]:
+        """The WASI-NN package's one chat path (also behind `/v1/chat/completions`): the same prompt,
+        sampling and exact token counts. A host call is outside the engine's epoch deadline, so the
+        token loop checks the run's deadline between decode steps (the run ends `timeout`), and
+        `llm.chat.timeout` ends the answer early with finish_reason "time"."""
         model = self._local_model(run, endpoint)
         if getattr(model, "backend", "") != "ggml":
             raise self._fail(run, Code.INVALID, f"llm: model {endpoint.model!r} is not a GGUF chat model")
-        pool = model.pool()
+        request = dict(params)
+        request.setdefault("repeat_penalty", LOCAL_REPEAT_PENALTY)
+        if want_json:  # a schema becomes a llama.cpp grammar: even a small model then answers in the asked shape
+            schema = params.get("json_schema")
+            request["response_format"] = ({"type": "json_schema", "json_schema": {"schema": schema}} if isinstance(schema, dict)
+                                          else {"type": "json_object"})
         try:
-            llama = pool.acquire(max(0.1, run.remaining()))
-        except Exception as exc:
-            if run.remaining() <= 0:
-                raise run.halt("timeout", f"llm: deadline passed waiting for a context of {endpoint.model!r}") from None
-            raise self._fail(run, Code.UPSTREAM, f"llm: no free context for {endpoint.model!r}: {exc}") from None
-        try:
-            kwargs = {k: v for k, v in params.items() if k in ("max_tokens", "temperature", "top_p", "stop", "seed",
-                                                              "presence_penalty", "frequency_penalty", "top_k",
-                                                              "repeat_penalty", "min_p")}
-            kwargs.setdefault("repeat_penalty", 1.15)  # small local models loop without it
-            if want_json:
-                # A schema becomes a llama.cpp grammar: even a small model then answers in the asked shape.
-                schema = params.get("json_schema")
-                kwargs["response_format"] = {"type": "json_object", **({"schema": schema} if isinstance(schema, dict) else {})}
-            n_ctx = llama.n_ctx()
-            prompt_tokens = _approx_tokens(messages)
-            if prompt_tokens >= n_ctx:
-                raise self._fail(run, Code.TOO_LARGE, f"llm: prompt of about {prompt_tokens} tokens does not fit "
-                                                      f"the model's context of {n_ctx}")
-            kwargs["max_tokens"] = max(16, min(int(kwargs.get("max_tokens", DEFAULT_MAX_TOKENS)), n_ctx - prompt_tokens))
-            llama.reset()
-            handler = _chat_handler(llama, endpoint.options.get("chat_format"))
-            # Streamed, so generation stops at the run's deadline or the endpoint's timeout: a host call
-            # cannot be interrupted by the engine's epoch deadline, the loop here is what bounds it.
-            stop_at = min(run.deadline, time.monotonic() + float(endpoint.timeout))
-            chunks = (llama.create_chat_completion(messages=messages, stream=True, **kwargs) if handler is None
-                      else handler(llama=llama, messages=messages, stream=True, **kwargs))
-            parts: list[str] = []
-            finish: Optional[str] = None
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    parts.append(piece)
-                finish = choice.get("finish_reason") or finish
-                if time.monotonic() >= stop_at:
-                    finish = "time"
-                    break
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()  # ends llama-cpp-python's generator, and with it the generation
-            if finish == "time" and run.remaining() <= 0:
-                raise run.halt("timeout", "llm: the run's deadline passed during generation")
-        except HostError:
-            raise
-        except ValueError as exc:  # llama-cpp-python: "Requested tokens (...) exceed context window"
-            raise self._fail(run, Code.TOO_LARGE, f"llm: {exc}") from None
-        except Exception as exc:
-            raise self._fail(run, Code.INTERNAL, f"llm: local generation failed: {exc}") from None
-        finally:
-            pool.release(llama)
-        return {"content": "".join(parts), "model": endpoint.model, "finish_reason": finish, "backend": "local",
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(parts)}}
+            result = self.registry.run_chat(endpoint.model, run, messages, request, endpoint.options.get("chat_format"),
+                                            float(endpoint.timeout))
+        except HostError as err:
+            raise err if run.halted is not None else self._fail(run, err.code, err.message) from None
+        return {**result, "model": endpoint.model, "backend": "local"}
 
     def llm_embed(self, call: Call, req_ptr: int, req_len: int, out: int) -> int:
         run = call.run
-        if (req_len & 0xFFFFFFFF) > MAX_MESSAGES_BYTES:
+        if req_len > MAX_MESSAGES_BYTES:
             raise HostError(Code.TOO_LARGE, "embedding request over 4 MiB")
         endpoint = self._endpoint(run, "embeddings")
         request: EmbedRequest = self._request(call, req_ptr, req_len, EmbedRequest, "llm_embed", EMBED_EXPECTED)
@@ -315,61 +280,19 @@ class LlmCapability(Capability):
                 raise self._openai_error(run, exc, "embeddings") from None
             vectors = [list(d.embedding) for d in sorted(resp.data, key=lambda d: d.index)]
         else:
-            model = self._local_model(run, endpoint)
-            if getattr(model, "backend", "") != "ggml":
-                raise self._fail(run, Code.INVALID, f"llm: model {endpoint.model!r} is not a GGUF embedding model")
-            pool = model.pool()
-            try:
-                llama = pool.acquire(max(0.1, run.remaining()))
-            except Exception as exc:
-                if run.remaining() <= 0:
-                    raise run.halt("timeout", f"llm: deadline passed waiting for {endpoint.model!r}") from None
-                raise self._fail(run, Code.UPSTREAM, f"llm: no free context for {endpoint.model!r}: {exc}") from None
-            try:
-                vectors = []
-                for text in inputs:  # one decode per input: the deadline is checked between them
-                    if run.remaining() <= 0:
-                        raise run.halt("timeout", "llm: the run's deadline passed during embedding")
-                    vectors.append(list(map(float, _mean(llama.embed(text)))))
-            except HostError:
-                raise
-            except Exception as exc:
-                raise self._fail(run, Code.INTERNAL, f"llm: local embedding failed: {exc}") from None
-            finally:
-                pool.release(llama)
+            vectors = self._local_embed(run, endpoint, inputs)
         state.seconds += time.monotonic() - started
         result = {"embeddings": vectors, "model": endpoint.model, "dims": len(vectors[0]) if vectors else 0}
         return write_result(call, out, json.dumps(result).encode())
 
-
-# Chat formats of llama-cpp-python for GGUF files that carry no chat template, by architecture.
-_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama-2", "mistral": "mistral-instruct",
-            "qwen2": "chatml", "qwen3": "chatml", "phi3": "chatml"}
-
-
-def _chat_handler(llama: Any, chat_format: Optional[str]) -> Any:
-    """The chat handler to use: the flow's `chat_format` option; else the GGUF's own template (None:
-    llama-cpp-python applies it); else the format of the model's architecture, because llama-cpp-python
-    would otherwise fall back to Llama 2's format, which other families do not understand."""
-    from llama_cpp import llama_chat_format
-
-    if chat_format:
-        return llama_chat_format.get_chat_completion_handler(chat_format)
-    metadata = getattr(llama, "metadata", {}) or {}
-    if metadata.get("tokenizer.chat_template"):
-        return None
-    arch = str(metadata.get("general.architecture", ""))
-    return llama_chat_format.get_chat_completion_handler(_FORMATS.get(arch, "chatml"))
-
-
-def _approx_tokens(messages: list[dict[str, Any]]) -> int:
-    """A cheap upper-ish estimate (4 characters a token, plus template overhead) to refuse hopeless prompts."""
-    return sum(len(m["content"]) // 4 + 8 for m in messages)
-
-
-def _mean(vectors: Any) -> list[float]:
-    """llama.embed returns one vector, or one per token for models without pooling: average those."""
-    if vectors and isinstance(vectors[0], list):
-        n = len(vectors)
-        return [sum(col) / n for col in zip(*vectors)]
-    return list(vectors)
+    def _local_embed(self, run: RunContext, endpoint: Any, inputs: list[str]) -> list[list[float]]:
+        """The WASI-NN package's one embedding path (also behind `/v1/embeddings` and a WASI-NN guest's
+        `embedding` compute): the same L2-normalised vector for the same text. The run's deadline is
+        checked before each input (the run ends `timeout`)."""
+        model = self._local_model(run, endpoint)
+        if getattr(model, "backend", "") != "ggml":
+            raise self._fail(run, Code.INVALID, f"llm: model {endpoint.model!r} is not a GGUF embedding model")
+        try:
+            return self.registry.run_embed(endpoint.model, run, inputs)  # type: ignore[no-any-return]
+        except HostError as err:
+            raise err if run.halted is not None else self._fail(run, err.code, err.message) from None

@@ -2,25 +2,26 @@
 (with SSE streaming and usage) and `/v1/embeddings`.
 
 They serve the very objects guests use (`ModelRegistry`), so a model is loaded once per process whether
-a guest or an HTTP client asks for it, and both queue on the same llama contexts. Generation runs in a
-worker thread through the same token loop as WASI-NN's `compute_single` (`ggml_backend.Generation`), so
-`usage` counts are exact and a streamed answer equals a non-streamed one.
+a guest or an HTTP client asks for it, and both queue on the same llama contexts. Chat and embeddings
+run in a worker thread through the WASI-NN package's one generation and one embedding path
+(`wasi_nn/generation.py`: `chat`, `embed`), the same that serves WASI-NN guests and the `llm_chat` /
+`llm_embed` host functions, so `usage` counts the model's tokens, a streamed answer equals a
+non-streamed one, and a vector equals a guest's for the same text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import threading
 import time
 import uuid
-from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from aiohttp import web
 
 from wasmflow.wasi_nn.abi import NNError, NNFailure
+from wasmflow.wasi_nn.generation import Completion, chat, embed
 
 MAX_WAIT = 300.0  # seconds a request queues for a llama context
 MAX_INPUTS = 256
@@ -86,26 +87,6 @@ class _OpenAI:
 
     # -- /v1/chat/completions ----------------------------------------------------------------
 
-    def _sampling(self, model: Any, body: dict[str, Any]) -> Any:
-        from wasmflow.wasi_nn.ggml_backend import apply_metadata
-
-        meta: dict[str, Any] = {}
-        mapping = {"temperature": "temp", "top_p": "top-p", "seed": "seed", "presence_penalty": "presence-penalty",
-                   "frequency_penalty": "frequency-penalty", "top_k": "top-k", "min_p": "min-p", "repeat_penalty": "repeat-penalty",
-                   "ignore_eos": "ignore-eos"}  # the last three as llama.cpp's server takes them
-        for key, meta_key in mapping.items():
-            if body.get(key) is not None:
-                meta[meta_key] = body[key]
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        meta["n-predict"] = -1 if max_tokens is None else max_tokens
-        fmt = body.get("response_format") or {}
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
-            meta["json-schema"] = fmt["json_schema"].get("schema") or {}
-        elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
-            meta["json-schema"] = {"type": "object"}
-        params = apply_metadata(model.base, meta)
-        return replace(params, instance=replace(params.instance, embedding=False))
-
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         messages = body.get("messages")
@@ -114,72 +95,26 @@ class _OpenAI:
         for m in messages:  # content may be a list of parts: keep the text parts
             if isinstance(m.get("content"), list):
                 m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
-        stop = body.get("stop") or []
-        stops = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
         try:
             model = self._model(body.get("model"), "ggml")
-            params = self._sampling(model, body)
-            prompt, template_stops = await asyncio.get_running_loop().run_in_executor(None, model.chat_prompt, messages)
-            tokens = await asyncio.get_running_loop().run_in_executor(None, model.tokenize, prompt.encode())
         except NNFailure as exc:
             return self._failure(exc)
-        stops = [s for s in stops + template_stops if s]
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body["model"]}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if body.get("stream"):
-            return await self._chat_stream(request, model, params, tokens, stops, meta, include_usage)
+            return await self._chat_stream(request, model, messages, body, meta, include_usage)
         try:
-            text, finish, n_out = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self._generate(model, params, tokens, stops, None, threading.Event()))
+            result = await asyncio.get_running_loop().run_in_executor(None, lambda: chat(model, messages, body, wait=MAX_WAIT))
         except NNFailure as exc:
             return self._failure(exc)
         return web.json_response({
             **meta, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": n_out, "total_tokens": len(tokens) + n_out},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish,
+                         "logprobs": None}],
+            "usage": _usage(result),
         })
 
-    def _generate(self, model: Any, params: Any, tokens: list[int], stops: list[str],
-                  emit: Optional[Callable[[str], None]], cancel: threading.Event) -> tuple[str, str, int]:
-        """Run one generation on a borrowed context; returns (text, finish_reason, completion tokens)."""
-        from wasmflow.wasi_nn.ggml_backend import Generation
-
-        pool = model.pool(params.instance)
-        llama = pool.acquire(MAX_WAIT)
-        gen = Generation(llama, tokens, params.sampling, params.instance.ctx_size)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        text = ""
-        sent = 0  # characters of `text` already emitted (held back while they might start a stop string)
-        finish = "stop"
-        try:
-            while not cancel.is_set():
-                code, piece = gen.step()
-                if code == NNError.PROMPT_TOO_LONG:
-                    raise NNFailure(NNError.PROMPT_TOO_LONG, f"the prompt has {len(tokens)} tokens; the context holds {gen.n_ctx - 4}")
-                if piece:
-                    text += decoder.decode(piece)
-                hit = next((text.index(s) for s in stops if s in text), None)
-                if hit is not None:
-                    text = text[:hit]
-                    break
-                if code != NNError.SUCCESS:
-                    finish = "length" if code == NNError.CONTEXT_FULL or (0 <= params.sampling.n_predict <= len(gen.tokens)) else "stop"
-                    break
-                if emit is not None:
-                    hold = max((len(s) - 1 for s in stops), default=0)
-                    safe = len(text) - hold
-                    if safe > sent:
-                        emit(text[sent:safe])
-                        sent = safe
-            text += decoder.decode(b"", final=True) if hit is None else ""
-            if emit is not None and len(text) > sent:
-                emit(text[sent:])
-            return text, finish, len(gen.tokens)
-        finally:
-            gen.close()
-            pool.release(llama)
-
-    async def _chat_stream(self, request: web.Request, model: Any, params: Any, tokens: list[int], stops: list[str],
+    async def _chat_stream(self, request: web.Request, model: Any, messages: list[dict[str, Any]], body: dict[str, Any],
                            meta: dict[str, Any], include_usage: bool) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -190,7 +125,7 @@ class _OpenAI:
 
         def work() -> None:
             try:
-                result = self._generate(model, params, tokens, stops, emit, cancel)
+                result = chat(model, messages, body, wait=MAX_WAIT, emit=emit, cancel=cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
             except NNFailure as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
@@ -217,11 +152,9 @@ class _OpenAI:
                 if kind == "delta":
                     await resp.write(chunk({"content": value}))
                 elif kind == "done":
-                    _, finish, n_out = value
-                    await resp.write(chunk({}, finish))
+                    await resp.write(chunk({}, value.finish))
                     if include_usage:
-                        usage = {**meta, "object": "chat.completion.chunk", "choices": [],
-                                 "usage": {"prompt_tokens": len(tokens), "completion_tokens": n_out, "total_tokens": len(tokens) + n_out}}
+                        usage = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)}
                         await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
                     break
                 else:
@@ -251,7 +184,7 @@ class _OpenAI:
             return _error(400, f"at most {MAX_INPUTS} inputs per request")
         try:
             model = self._model(body.get("model"), "ggml")
-            vectors, n_tokens = await asyncio.get_running_loop().run_in_executor(None, self._embed, model, inputs)
+            vectors, n_tokens = await asyncio.get_running_loop().run_in_executor(None, lambda: embed(model, inputs, wait=MAX_WAIT))
         except NNFailure as exc:
             return self._failure(exc)
         if body.get("encoding_format") == "base64":
@@ -266,14 +199,8 @@ class _OpenAI:
         return web.json_response({"object": "list", "data": data, "model": body["model"],
                                   "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
-    def _embed(self, model: Any, inputs: list[str]) -> tuple[list[list[float]], int]:
-        from wasmflow.wasi_nn.ggml_backend import embed_tokens
 
-        instance = replace(model.base.instance, embedding=True)
-        pool = model.pool(instance)
-        token_lists = [model.tokenize(text.encode()) for text in inputs]
-        llama = pool.acquire(MAX_WAIT)
-        try:
-            return [embed_tokens(llama, toks) for toks in token_lists], sum(len(t) for t in token_lists)
-        finally:
-            pool.release(llama)
+def _usage(result: Completion) -> dict[str, int]:
+    """OpenAI's `usage` of a finished generation, in the model's tokens."""
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}

@@ -181,7 +181,8 @@ class ModelRegistry:
         self._verify(entry.path)
         options = {**entry.options, **(config or {})}
         if entry.encoding == Encoding.GGML:
-            from .ggml_backend import GgmlModel, GgmlParams, apply_metadata, gpu_offload_supported
+            from .ggml_params import GgmlParams, apply_metadata
+            from .ggml_pool import GgmlModel, gpu_offload_supported
 
             params = apply_metadata(GgmlParams(), options)
             if entry.target == Target.CPU:
@@ -225,7 +226,8 @@ class ModelRegistry:
 
             obj = GuestOnnxModel(f"bytes-{digest[:12]}", bytes(data), model_target_name(target))
         elif encoding == Encoding.GGML:
-            from .ggml_backend import GgmlModel, GgmlParams, apply_metadata
+            from .ggml_params import GgmlParams, apply_metadata
+            from .ggml_pool import GgmlModel
             from .gguf_guard import scan
 
             info = scan(data)
@@ -263,6 +265,22 @@ class ModelRegistry:
         """Eager loading: read every named model now (errors name the model)."""
         for name in self.names():
             self.model(name).load(warm=True)
+
+    # -- the `llm` capability's local route ----------------------------------------------------
+
+    def run_chat(self, name: str, run: Any, messages: list[dict[str, Any]], request: dict[str, Any],
+                 chat_format: Optional[str], timeout: float) -> dict[str, Any]:
+        """`llm_chat` on the GGUF model `name` for `run` (`llm_route.run_chat`). The host functions are
+        handed this registry, so they reach the one chat path without importing the WASI-NN package."""
+        from .llm_route import run_chat
+
+        return run_chat(self.model(name), run, messages, request, chat_format, timeout)
+
+    def run_embed(self, name: str, run: Any, texts: list[str]) -> list[list[float]]:
+        """`llm_embed` on the GGUF model `name` for `run` (`llm_route.run_embed`)."""
+        from .llm_route import run_embed
+
+        return run_embed(self.model(name), run, texts)
 
     # -- metrics -----------------------------------------------------------------------------
 
