@@ -243,7 +243,9 @@ def _run_cargo(cmd: list[str], env: dict[str, str], cwd: Path, run: _CargoRun,
     diagnostics on stderr exactly as usual, and stdout carries one JSON line per finished unit."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             bufsize=1)
-    assert proc.stdout is not None and proc.stderr is not None
+    if proc.stdout is None or proc.stderr is None:  # both are pipes: Popen always sets them
+        proc.kill()
+        raise BuildError(f"could not read cargo's output: {' '.join(cmd)}")
     pump = threading.Thread(target=_pump_stderr, args=(proc.stderr, run, echo), daemon=True)
     pump.start()
     for line in proc.stdout:

@@ -25,6 +25,10 @@ class Status(str, enum.Enum):
     OOM = "oom"
     DENIED = "denied"
     INVALID = "invalid"  # the module could not be compiled or linked
+    # Set by the platform, never by an engine: the guest failed because a service beyond it did, or the
+    # host failed around the run (transient, retried); the process running it stopped before it finished.
+    UPSTREAM = "upstream"
+    LOST = "lost"
 
     def __str__(self) -> str:  # so f-strings print "ok", not "Status.OK"
         return self.value

@@ -31,12 +31,12 @@ from urllib.parse import parse_qs
 import sqlalchemy as sa
 from aiohttp import web
 
-from wasmflow.engine.base import RunResult, Status
-from wasmflow.flows.model import Retry
+from wasmflow.engine.base import Status
 from wasmflow.host_functions.spec import Event
+from wasmflow.platform.executor import execute, report
 from wasmflow.platform.matching import GithubEventInfo, match_github
 from wasmflow.platform.metrics import CONTENT_TYPE_LATEST, Metrics
-from wasmflow.platform.queue import ClaimedRun, Queue
+from wasmflow.platform.queue import ClaimedRun, Finish, Outcome, Queue
 from wasmflow.platform.store import RUNNING, BatchWriter, NewEvent, NewRun, queue_depth
 
 log = logging.getLogger("wasmflow.ingress")
@@ -264,33 +264,16 @@ class Ingress:
             return error(503, "could not store the request", run_id=run.id)
         self._count("accepted", "http")
         event = Event(name="http", body=body, headers=headers, idempotency_key=run.id, trigger="http")
-        loop = asyncio.get_running_loop()
         claimed = ClaimedRun(id=run.id, flow=name, attempt=1, max_attempts=1, trigger="http", event=event,
                              event_id=stored.id)
-        self._http_runs.add(run.id)  # leased from here until its result is stored, however long it waits
-        try:
-            try:
-                result: RunResult = await loop.run_in_executor(
-                    self.run_pool, lambda: self.runtime.run(name, event, run_id=run.id, attempt=1))
-            except Exception as exc:
-                log.exception("run %s of %s: host error", run.id, name)
-                result = RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}")
-            status = final_status(result.response_status)
-            if result.ok and status is None:  # the host call refuses these; a result must not carry one
-                result.status = Status.ERROR
-                result.error = f"the guest set HTTP status {result.response_status}, outside 200..599"
-            try:
-                await loop.run_in_executor(self.db_pool, self.queue.finish, claimed, result, Retry(attempts=1))
-            except Exception:
-                log.exception("run %s: storing the result failed", run.id)
-        finally:
-            self._http_runs.discard(run.id)
-        self.metrics.runs.labels(flow=name, status=str(result.status)).inc()
-        self.metrics.run_duration.labels(flow=name).observe((result.instantiate_ms + result.run_ms) / 1000)
-        self.metrics.output_truncated(name, result.truncated)
+        outcome = await self._execute(claimed)
+        result = outcome.result
         if not result.ok:
-            return error(500, f"flow {name} failed ({result.status})", run_id=run.id, status=str(result.status))
-        assert status is not None
+            return error(500, f"flow {name} failed ({outcome.status})", run_id=run.id,
+                         status=outcome.status.value)
+        status = final_status(result.response_status)
+        if status is None:  # cannot happen: `_execute` files such a result as an error
+            return error(500, f"flow {name} set HTTP status {result.response_status}", run_id=run.id)
         body_out = result.response_body if result.response_body is not None else (result.output or b"")
         if status in (204, 304):  # no body by definition: bytes after the head would start a "response"
             body_out = b""
@@ -299,6 +282,41 @@ class Ingress:
             response.headers.add(key, value)
         response.headers["X-Wasmflow-Run"] = run.id
         return response
+
+    async def _execute(self, claimed: ClaimedRun) -> Outcome:
+        """Run an HTTP-triggered run in place, as a worker would (`execute`), keeping its lease meanwhile,
+        store its outcome and count it. A guest's response status outside 200..599 makes the run an error.
+
+        A KeyboardInterrupt or SystemExit while it runs gives the run back (filed `lost`: its caller gets
+        no answer, so it is not run again) and goes on up.
+        """
+        loop = asyncio.get_running_loop()
+        self._http_runs.add(claimed.id)  # leased from here until its result is stored, however long it waits
+        try:
+            try:
+                outcome = await loop.run_in_executor(self.run_pool, execute, self.runtime, claimed)
+            except BaseException:
+                await loop.run_in_executor(self.db_pool, self._give_back, claimed.id)
+                raise
+            result = outcome.result
+            if result.ok and final_status(result.response_status) is None:  # the host call refuses these
+                result.status = Status.ERROR
+                result.error = f"the guest set HTTP status {result.response_status}, outside 200..599"
+            finish: Optional[Finish] = None
+            try:
+                (finish,) = await loop.run_in_executor(self.db_pool, self.queue.finish_many, [outcome])
+            except Exception:  # the caller still gets its answer; the lease expiring files the run `lost`
+                log.exception("run %s: storing the result failed", claimed.id)
+        finally:
+            self._http_runs.discard(claimed.id)
+        report(self.metrics, outcome, finish)
+        return outcome
+
+    def _give_back(self, run_id: str) -> None:
+        try:
+            self.queue.release([run_id])
+        except sa.exc.SQLAlchemyError:
+            log.exception("run %s: giving it back failed; it is filed lost when its lease expires", run_id)
 
     async def _start_leases(self, app: web.Application) -> None:
         self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases())

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import sqlalchemy as sa
 
-from wasmflow.engine.base import RunResult
+from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
 from wasmflow.host_functions.spec import Event
 from wasmflow.platform.db import attempts_table, events_table, runs_table
@@ -32,11 +32,6 @@ from wasmflow.platform.store import DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun
 # A run whose worker vanished this many times is dead: a guest that takes its host process down (an
 # out-of-memory kill, say) must not take down every worker in turn forever.
 MAX_LEASE_LOSSES = 3
-
-# Outcome status -> the name `retry.on` uses for it. `invalid` (a module that does not load) is a
-# configuration problem and never retried; `upstream` is what a host-side failure around the run is called.
-RETRY_REASONS = {"timeout": "timeout", "trap": "trap", "oom": "oom", "error": "error", "denied": "denied",
-                 "upstream": "upstream"}
 
 
 @dataclass(frozen=True)
@@ -54,12 +49,20 @@ class ClaimedRun:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One attempt's result on its way to the store; `status` overrides the result's (`upstream`)."""
+    """One attempt's result on its way to the store, and the status it is filed under.
+
+    `reclassified` replaces the result's status when the run's classification differs from the guest's
+    (a guest that failed after an upstream failure, a host failure around the run: `upstream`).
+    """
 
     run: ClaimedRun
     result: RunResult
     retry: Retry
-    status: Optional[str] = None
+    reclassified: Optional[Status] = None
+
+    @property
+    def status(self) -> Status:
+        return self.reclassified if self.reclassified is not None else self.result.status
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,10 @@ def backoff_delay(retry: Retry, attempt: int, rng: Callable[[], float] = random.
     return base / 2 + rng() * base / 2
 
 
-def is_retryable(status: str, retry: Retry) -> bool:
-    reason = RETRY_REASONS.get(status)
-    return reason is not None and reason in retry.on
+def is_retryable(status: Status, retry: Retry) -> bool:
+    """Whether `retry.on` names the status. `ok`, `invalid` (a module that does not load: configuration,
+    never retried) and `lost` cannot be named there (flows.yaml refuses them)."""
+    return status.value in retry.on
 
 
 class Queue:
@@ -176,10 +180,10 @@ class Queue:
             ).all()
         return {row.id for row in rows}
 
-    def finish(self, run: ClaimedRun, result: RunResult, retry: Retry, status: Optional[str] = None) -> Finish:
+    def finish(self, run: ClaimedRun, result: RunResult, retry: Retry, status: Optional[Status] = None) -> Finish:
         """Record an attempt's result: done, queued again after a backoff, or dead when out of attempts.
 
-        `status` overrides the result's (a host-side failure around the run is `upstream`).
+        `status` replaces the result's (a host-side failure around the run is `upstream`).
         """
         return self.finish_many([Outcome(run, result, retry, status)])[0]
 
@@ -204,9 +208,9 @@ class Queue:
                 owned_query = owned_query.with_for_update()
             owned = set(conn.execute(owned_query).scalars())
             for o in outcomes:
-                status = o.status or str(o.result.status)
+                status = o.status
                 delay = 0.0
-                if status == "ok":
+                if status is Status.OK:
                     state = DONE
                 elif is_retryable(status, o.retry) and o.run.attempt < o.retry.attempts:
                     state = QUEUED
@@ -217,12 +221,12 @@ class Queue:
                 mine = o.run.id in owned
                 if mine:
                     run_params.append(dict(
-                        b_id=o.run.id, b_state=state, b_status=status, b_duration=duration_ms,
+                        b_id=o.run.id, b_state=state, b_status=status.value, b_duration=duration_ms,
                         b_logs=encode_logs(o.result.logs), b_output=o.result.output,
                         b_stdout=o.result.stdout or None, b_stderr=o.result.stderr or None,
                         b_error=o.result.error, b_available=now + delay))
                 attempt_params.append(dict(
-                    b_run=o.run.id, b_attempt=o.run.attempt, b_status=status if mine else f"{status} (lease lost)",
+                    b_run=o.run.id, b_attempt=o.run.attempt, b_status=status.value if mine else f"{status} (lease lost)",
                     b_error=o.result.error, b_duration=duration_ms))
                 decided.append(Finish(state=state, delay=delay) if mine else Finish(state="lost"))
             if run_params:
@@ -238,7 +242,9 @@ class Queue:
             conn.execute(
                 a.update()
                 .where(a.c.run_id == sa.bindparam("b_run"), a.c.attempt == sa.bindparam("b_attempt"),
-                       a.c.worker == self.owner)
+                       a.c.worker == self.owner,
+                       # a release gives the attempt number back: its row is not this attempt's
+                       a.c.status.is_distinct_from("released"))
                 .values(finished_at=now, status=sa.bindparam("b_status"), error=sa.bindparam("b_error"),
                         duration_ms=sa.bindparam("b_duration")),
                 attempt_params)
@@ -248,26 +254,35 @@ class Queue:
         """Give runs back unfinished (graceful shutdown): queued again at their place, the attempt not counted.
 
         `available_at` is left as it was, so a released run is claimed again before the runs stored after
-        it; its execution number is kept, so its next claim gets a new one.
+        it; its execution number is kept, so its next claim gets a new one. An HTTP-triggered run is not
+        queued again but filed `lost`, as `recover_expired` does: its caller will get no answer.
         """
         if not run_ids:
             return 0
         now = self.clock()
         r = runs_table
+        http = r.c.trigger == "http"
         with self.db.begin() as conn:
             rows = conn.execute(
                 r.update()
                 .where(r.c.id.in_(run_ids), r.c.lease_owner == self.owner, r.c.state == RUNNING)
-                .values(state=QUEUED, attempt=r.c.attempt - 1, lease_owner=None, lease_expires_at=None)
-                .returning(r.c.id)
+                .values(state=sa.case((http, DEAD), else_=QUEUED),
+                        attempt=sa.case((http, r.c.attempt), else_=r.c.attempt - 1),
+                        status=sa.case((http, Status.LOST.value), else_=r.c.status),
+                        error=sa.case((http, "the process running it stopped before it finished"), else_=r.c.error),
+                        finished_at=sa.case((http, now), else_=r.c.finished_at),
+                        lease_owner=None, lease_expires_at=None)
+                .returning(r.c.id, r.c.trigger)
             ).all()
-            if rows:
-                conn.execute(
-                    attempts_table.update()
-                    .where(attempts_table.c.run_id.in_([row.id for row in rows]),
-                           attempts_table.c.worker == self.owner, attempts_table.c.finished_at.is_(None))
-                    .values(finished_at=now, status="released")
-                )
+            for lost, status in ((False, "released"), (True, Status.LOST.value)):
+                ids = [row.id for row in rows if (row.trigger == "http") is lost]
+                if ids:
+                    conn.execute(
+                        attempts_table.update()
+                        .where(attempts_table.c.run_id.in_(ids), attempts_table.c.worker == self.owner,
+                               attempts_table.c.finished_at.is_(None))
+                        .values(finished_at=now, status=status)
+                    )
         return len(rows)
 
     def recover_expired(self, orphans: bool = False, limit: int = 1000) -> int:
@@ -294,7 +309,7 @@ class Queue:
                 .where(picked, *cond)
                 .values(
                     state=sa.case((give_up, DEAD), else_=QUEUED),
-                    status=sa.case((give_up, "lost"), else_=r.c.status),
+                    status=sa.case((give_up, Status.LOST.value), else_=r.c.status),
                     error=sa.case((give_up, "the worker running it stopped before it finished"), else_=r.c.error),
                     finished_at=sa.case((give_up, now), else_=None),
                     lease_expiries=r.c.lease_expiries + 1, lease_owner=None, lease_expires_at=None,
@@ -306,7 +321,7 @@ class Queue:
                     attempts_table.update()
                     .where(attempts_table.c.run_id.in_([row.id for row in rows]),
                            attempts_table.c.finished_at.is_(None))
-                    .values(finished_at=now, status="lost")
+                    .values(finished_at=now, status=Status.LOST.value)
                 )
         return len(rows)
 

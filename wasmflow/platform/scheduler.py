@@ -5,7 +5,7 @@ daylight saving time). The last tick handled per trigger is stored, so after a r
 which ticks it missed: those within the trigger's `catch_up` window still run, older ones are counted as
 missed and dropped. Each tick is an event whose dedupe key is flow + trigger + scheduled time, so even two
 schedulers racing could not enqueue it twice; normally only one is active at all, elected through a
-PostgreSQL advisory lock (or a file lock next to a SQLite database, which one process serves anyway).
+PostgreSQL advisory lock (a SQLite database is served by one process, which is always elected).
 
 Overlap, when a tick comes while the flow's previous scheduled run is still queued or running:
 `allow` enqueues it anyway, `skip` records it as skipped, `queue` stores it as `waiting` and the
@@ -19,14 +19,12 @@ as a `failed` schedule event (see `wasmflow events`), until the trigger works ag
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Callable, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -295,30 +293,3 @@ class PostgresElection(Election):
                 self._conn.invalidate()
             self._conn = None
 
-
-class FileElection(Election):
-    """An exclusive flock on a file beside the SQLite database (released by the kernel if we die)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: Optional[int] = None
-
-    def try_acquire(self) -> bool:
-        import os
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        import os
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None

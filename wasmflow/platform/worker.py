@@ -24,12 +24,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Optional
 
 import sqlalchemy as sa
 
-from wasmflow.engine.base import RunResult, Status
-from wasmflow.flows.model import Retry
+from wasmflow.platform.executor import Runner, execute, report
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.notify import Listener
 from wasmflow.platform.queue import ClaimedRun, Finish, Outcome, Queue
@@ -43,9 +42,9 @@ def worker_name() -> str:
 
 
 class Dispatcher:
-    def __init__(self, runtime: Any, queue: Queue, metrics: Optional[Metrics] = None, concurrency: int = 4,
+    def __init__(self, runtime: Runner, queue: Queue, metrics: Optional[Metrics] = None, concurrency: int = 4,
                  poll_interval: float = 0.5, claim_batch: int = 32) -> None:
-        self.runtime = runtime  # wasmflow.runtime.Runtime
+        self.runtime = runtime
         self.queue = queue
         self.metrics = metrics or Metrics()
         self.concurrency = max(1, concurrency)
@@ -223,30 +222,20 @@ class Dispatcher:
                 return
             self._started.add(run.id)
         try:
-            result, status, retry = self._run(run)
-        except BaseException as exc:  # never lose a slot: record even the impossible as a host failure
-            result, status, retry = RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}"), "upstream", Retry()
-        self._results.put(Outcome(run, result, retry, status))
+            outcome = execute(self.runtime, run)
+        except BaseException:  # KeyboardInterrupt, SystemExit: the process is stopping, not the run failing
+            self._give_back(run)
+            raise
+        self._results.put(outcome)
 
-    def _run(self, run: ClaimedRun) -> tuple[RunResult, Optional[str], Retry]:
-        try:
-            flow = self.runtime.flows.flow(run.flow)
-        except KeyError:
-            return (RunResult(status=Status.INVALID, run_id=run.id,
-                              error=f"flow {run.flow!r} is no longer in flows.yaml"), None, Retry())
-        try:
-            result = self.runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt,
-                                      execution=run.execution)
-            if result.status in (Status.ERROR, Status.TRAP) and result.upstream_failures:
-                # The guest failed because a service beyond it did (its HTTP, GitHub or LLM call
-                # answered UPSTREAM or TIMEOUT): transient, retried as `upstream`, not filed as a bug.
-                result.error = f"{result.error}; after upstream failure: {result.upstream_failures[-1]}"
-                return result, "upstream", flow.retry
-            return result, None, flow.retry
-        except Exception as exc:  # the host failed around the run: a transient, retryable error
-            log.exception("run %s of %s: host error", run.id, run.flow)
-            return (RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}"), "upstream",
-                    flow.retry)
+    def _give_back(self, run: ClaimedRun) -> None:
+        """Release a started run that will not finish here and free its slot."""
+        with self._slots:
+            self._in_flight.pop(run.id, None)
+            self._started.discard(run.id)
+            self.metrics.in_flight.set(len(self._in_flight))
+            self._slots.notify_all()
+        self._release([run.id])
 
     def _finish_loop(self) -> None:
         while True:
@@ -289,18 +278,5 @@ class Dispatcher:
             self._slots.notify_all()
 
     def _report(self, outcome: Outcome, finish: Finish) -> None:
-        run, result = outcome.run, outcome.result
-        final_status = outcome.status or str(result.status)
-        self.metrics.runs.labels(flow=run.flow, status=final_status).inc()
-        self.metrics.run_duration.labels(flow=run.flow).observe((result.instantiate_ms + result.run_ms) / 1000)
-        self.metrics.output_truncated(run.flow, result.truncated)
-        if finish.state == "queued":
-            self.metrics.retries.labels(flow=run.flow).inc()
-            log.info("run %s of %s: %s, attempt %d; retry in %.1fs", run.id, run.flow, final_status,
-                     run.attempt, finish.delay)
-        elif finish.state == "lost":
-            log.warning("run %s of %s finished after its lease was taken; result dropped", run.id, run.flow)
-        elif finish.state == "dead":
-            log.warning("run %s of %s: %s after %d attempt(s): %s", run.id, run.flow, final_status,
-                        run.attempt, result.error)
+        report(self.metrics, outcome, finish)
         self.completed += 1

@@ -1,8 +1,8 @@
 """WASI-NN as WasmEdge implements it: enumerations, error codes and the tensor struct.
 
-Everything here follows `shared/reference/wasi-nn.md` (WasmEdge 0.15+ numbering) exactly, because a
-guest compiled for WasmEdge's GGML plugin or for LlamaEdge must run on wasmflow unchanged: the numbers
-are the contract, not ours to choose.
+Everything here follows WasmEdge's numbering (0.15 and later) exactly, as docs/wasi-nn.md lists it
+("The ABI"), because a guest compiled for WasmEdge's GGML plugin or for LlamaEdge must run on wasmflow
+unchanged: the numbers are the contract, not ours to choose.
 """
 
 from __future__ import annotations
@@ -107,13 +107,6 @@ class TensorType(enum.IntEnum):
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(_DTYPES[self])
-
-    @classmethod
-    def from_dtype(cls, dtype: np.dtype) -> "TensorType":
-        for tt, name in _DTYPES.items():
-            if np.dtype(name) == np.dtype(dtype):
-                return tt
-        raise NNFailure(NNError.UNSUPPORTED_OPERATION, f"no WASI-NN tensor type for {dtype}")
 
 
 _DTYPES = {

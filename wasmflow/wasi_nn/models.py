@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -438,7 +437,3 @@ def ready_path(name: str, state_dir: Path, file_index: int = 0) -> Optional[Path
     entry = catalog_entry(name)
     p = models_dir(state_dir) / entry.files[file_index]
     return p if p.exists() and p.name in read_manifest(p.parent) else None
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("WASMFLOW_STATE_DIR", ".wasmflow"))
