@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,18 @@ def test_debian_toolchain_gets_a_private_offline_cargo_home(toolchain, tmp_path)
     assert 'replace-with = "debian"' in config and "/usr/share/cargo/registry" in config
     assert "offline = true" in config
     assert env["PATH"].startswith("/usr/bin")
+
+
+def test_sdk_docs_build_without_warnings(toolchain, tmp_path):
+    """`cargo doc` of the SDK: every public item documented, every intra-doc link resolved. With
+    `-D warnings` a warning fails the build, so a cached clean build is still a proof."""
+    env = toolchain.env(tmp_path)
+    env["RUSTDOCFLAGS"] = "-D warnings"
+    proc = subprocess.run([toolchain.cargo, "doc", "--no-deps", "-p", "wasmflow-sdk", "--target", toolchain.target,
+                           "--offline"], cwd=GUEST_WORKSPACE, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning" not in proc.stderr, proc.stderr[-3000:]
+    assert (GUEST_WORKSPACE / "target" / toolchain.target / "doc" / "wasmflow" / "index.html").is_file()
 
 
 # --- failures ------------------------------------------------------------------------------------

@@ -206,9 +206,12 @@ def test_a_3000_line_pr_stays_in_budget_and_names_what_was_left_out(env: Env) ->
     assert len(prompts) == out["chunks"] >= 2  # several calls, then a merge call
     assert all(len(p) // 4 <= 3000 + 600 for p in prompts)
     body = env.bot_comments()[0]["body"]
-    assert "Not reviewed, over the budget of 6000 tokens" in body
-    for path in out["left_out"]:
-        assert f"`{path} (~" in body or "more" in body
+    left_out = out["left_out"]
+    assert f"Not reviewed, over the budget of 6000 tokens** ({len(left_out)} file(s))" in body
+    named, rest = left_out[:25], left_out[25:]  # the comment names 25, then counts the rest
+    assert all(f"`{path} (~" in body for path in named)
+    assert not any(f"`{path} (~" in body for path in rest)
+    assert (f"and {len(rest)} more" in body) is bool(rest)
     assert "Merged summary" in body
 
 
@@ -278,3 +281,22 @@ def test_a_racing_twin_run_leaves_one_comment_and_a_superseded_delivery_does_not
     writes = len(env.github.writes())
     stale = output(env.deliver("pull_request", payload))
     assert stale["reason"] == "superseded by a newer push" and len(env.github.writes()) == writes
+
+
+def test_a_config_value_of_the_wrong_type_fails_the_run_naming_it(tmp_path: Path, guest_wasm: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's typed getters (`config::get_u64`, `get_bool`): a bad value is said, not silently defaulted."""
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    with GithubStandin() as github, OpenAIStandin(finding_responder) as llm:
+        github.add_repo(REPO)
+        github.add_pull(REPO, "Add modules", rust_files(1))
+        for key, value, expected in [("max_calls", "many", "a whole number (0 or more)"), ("review_drafts", "perhaps", "true or false")]:
+            env = Env(tmp_path / key, guest_wasm["code-review"], github, llm, **{key: value})
+            try:
+                out = output(env.deliver("pull_request", pull_request_event(github, REPO, 1)))
+            finally:
+                env.runtime.close()
+            assert out["action"] == "failed" and out["transient"] is False, out
+            assert f'config.{key}: expected {expected}, got "{value}"' in out["error"], out
+        assert github.writes() == []  # nothing was posted
+        assert llm.chat_requests() == []

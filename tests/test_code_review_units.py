@@ -1,5 +1,5 @@
 """The code-review bot's Rust unit tests (globs, hunk parsing, the budget plan, secret and TODO checks,
-answer parsing), compiled for wasm32-wasi and run in wasmtime: the guest's logic is tested where it runs."""
+answer parsing, the decision whether and what to review, the chunk size), compiled for wasm32-wasi and run in wasmtime: the guest's logic is tested where it runs."""
 
 from __future__ import annotations
 
@@ -45,4 +45,5 @@ def test_rust_unit_tests_pass_in_wasmtime(tmp_path: Path, capfd: pytest.CaptureF
     text = out.read_text()
     assert code == 0, text
     assert "test result: ok." in text and " 0 failed" in text
-    assert int(text.split("test result: ok. ")[1].split(" passed")[0]) >= 6
+    assert int(text.split("test result: ok. ")[1].split(" passed")[0]) >= 14
+    assert "decision::tests::review_command_on_a_pull_request ... ok" in text  # what is reviewed, decided purely

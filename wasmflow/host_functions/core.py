@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from .spec import (Call, Capability, Code, HostError, HostFunction, RunContext, check_range, i32s, read_str,
+from .spec import (Call, Capability, Code, HostError, HostFunction, RunContext, check_range, read_str,
                    write_result)
 
 MODULE = "wasmflow"
@@ -20,7 +20,6 @@ LEVELS = ("trace", "debug", "info", "warn", "error")
 MAX_LOG_LINE = 16 * 1024  # longer lines are cut to this, with a marker
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB (RFC 9110 field values)
-_M32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -46,20 +45,22 @@ class CoreCapability(Capability):
     name = "core"
 
     def functions(self) -> list[HostFunction]:
-        def fn(name: str, nparams: int, body) -> HostFunction:  # type: ignore[no-untyped-def]
-            return HostFunction(MODULE, name, i32s(nparams), ("i32",), body)
+        def fn(name: str, params: "str | int", body) -> HostFunction:  # type: ignore[no-untyped-def]
+            """params: the kinds ("u32 ptr len"), or a count of u32 parameters."""
+            return HostFunction(MODULE, name, ("u32",) * params if isinstance(params, int) else params, ("i32",), body)
 
         return [
-            fn("result_read", 3, result_read),
-            fn("event_name", 1, lambda c, out: write_result(c, out, c.run.event.name.encode())),
-            fn("event_body", 1, lambda c, out: write_result(c, out, c.run.event.body)),
-            fn("event_headers", 1, lambda c, out: write_result(c, out, json.dumps(c.run.event.headers).encode())),
-            fn("run_info", 1, run_info),
-            fn("log", 3, log),
-            fn("set_output", 2, set_output),
-            fn("set_response_status", 1, set_response_status),
-            fn("set_response_header", 4, set_response_header),
-            fn("set_response_body", 2, set_response_body),
+            fn("result_read", "u32 ptr len", result_read),
+            fn("last_error", "ptr", last_error),
+            fn("event_name", "ptr", lambda c, out: write_result(c, out, c.run.event.name.encode())),
+            fn("event_body", "ptr", lambda c, out: write_result(c, out, c.run.event.body)),
+            fn("event_headers", "ptr", lambda c, out: write_result(c, out, json.dumps(c.run.event.headers).encode())),
+            fn("run_info", "ptr", run_info),
+            fn("log", "i32 ptr len", log),
+            fn("set_output", "ptr len", set_output),
+            fn("set_response_status", "i32", set_response_status),
+            fn("set_response_header", "ptr len ptr len", set_response_header),
+            fn("set_response_body", "ptr len", set_response_body),
         ]
 
     def close_run(self, run: RunContext) -> None:
@@ -71,14 +72,25 @@ class CoreCapability(Capability):
 
 
 def result_read(call: Call, handle: int, buf_ptr: int, buf_len: int) -> int:
-    data = call.run._results.get(handle & 0xFFFFFFFF)
+    data = call.run._results.get(handle)
     if data is None:
         raise HostError(Code.NOT_FOUND, f"no result handle {handle}")
-    if len(data) != (buf_len & 0xFFFFFFFF):
+    if len(data) != buf_len:
         raise HostError(Code.INVALID, f"result {handle} has {len(data)} bytes, not {buf_len}")
     call.memory.write(buf_ptr, data)  # bounds-checked before the handle is consumed
-    call.run.take_result(handle & 0xFFFFFFFF, len(data))
+    call.run.take_result(handle, len(data))
     return Code.OK
+
+
+def last_error(call: Call, out: int) -> int:
+    """Why the run's most recent failed host call failed (`module::name: message`, at most 4 KiB).
+
+    NOT_FOUND, returned rather than raised, when no call has failed: reading the message is not itself a
+    failure, so it never replaces the message it reads.
+    """
+    if call.run.last_error is None:
+        return Code.NOT_FOUND
+    return write_result(call, out, call.run.last_error)
 
 
 def run_info(call: Call, out: int) -> int:
@@ -99,7 +111,7 @@ def log(call: Call, level: int, ptr: int, length: int) -> int:
     """One log line: cut past MAX_LOG_LINE; dropped (LIMIT) once the run's log_lines or log_bytes are spent."""
     if not 0 <= level < len(LEVELS):
         raise HostError(Code.INVALID, f"log level {level} is not 0..4")
-    run, length = call.run, length & _M32
+    run = call.run
     limits, spent = run.flow.limits, _spent(run)
     if spent.log_lines < limits.log_lines and spent.log_bytes < limits.log_bytes:
         message = call.memory.read(ptr, min(length, MAX_LOG_LINE)).decode("utf-8", errors="replace")
@@ -121,9 +133,9 @@ def log(call: Call, level: int, ptr: int, length: int) -> int:
 
 
 def _read_capped(call: Call, ptr: int, length: int, cap: int, what: str, kind: str) -> bytes:
-    if (length & _M32) > cap:
+    if length > cap:
         _cut(call.run, kind)
-        raise HostError(Code.TOO_LARGE, f"{what} of {length & _M32} bytes is over the {cap} byte limit "
+        raise HostError(Code.TOO_LARGE, f"{what} of {length} bytes is over the {cap} byte limit "
                                         f"(limits.{kind})")
     return call.memory.read(ptr, length)
 
@@ -149,7 +161,7 @@ def set_response_header(call: Call, name_ptr: int, name_len: int, value_ptr: int
     if len(run.response_headers) >= limits.response_headers:
         _cut(run, "response_headers")
         raise HostError(Code.LIMIT, f"more than {limits.response_headers} response headers (limits.response_headers)")
-    size = (name_len & _M32) + (value_len & _M32)
+    size = name_len + value_len
     if spent.header_bytes + size > limits.response_header_bytes:
         _cut(run, "response_headers")
         raise HostError(Code.TOO_LARGE, f"response headers over {limits.response_header_bytes} bytes "

@@ -12,230 +12,40 @@
 //! Config (flows.yaml `config:`): trigger_phrase, review_drafts, review_bot_prs, ignore (globs, replace
 //! the defaults), extra_ignore (globs, added), max_patch_tokens (total diff budget), chunk_tokens (per
 //! LLM call), max_calls, max_findings, answer_tokens, language, skip_labels, skip_branches (globs),
-//! skip_title_prefixes (default `[skip review]`).
+//! skip_title_prefixes (default `[skip review]`). A value of the wrong type fails the run, naming it.
+//!
+//! Modules: `config` reads the settings; `decision` decides whether and what to review (pure, with unit
+//! tests); `comment` keeps the per-PR state in kv and the summary comment; `diff`, `checks`, `review`
+//! and `render` plan the diff, run the deterministic checks, ask the model and write the comment;
+//! `failure` says what a failed run tells the PR. This file runs them in order.
 
 mod checks;
+mod comment;
+mod config;
+mod decision;
 mod diff;
+mod failure;
 mod glob;
 mod render;
 mod review;
 
 use serde_json::{json, Value};
 use wasmflow::github::{self, Request};
-use wasmflow::{config, event, kv, output, Error};
+use wasmflow::{event, kv, output};
 
-const MARKER: &str = "<!-- wasmflow:code-review -->";
-const DEFAULT_IGNORE: &[&str] = &[
-    "*.lock", "package-lock.json", "pnpm-lock.yaml", "yarn.lock", "go.sum", "poetry.lock", "Pipfile.lock",
-    "composer.lock", "Gemfile.lock", "vendor/", "third_party/", "node_modules/", "dist/", "*.min.js", "*.min.css",
-    "*.map", "**/generated/**", "*.generated.*", "*_generated.*", "*.pb.go", "*_pb2.py", "*.snap", "*.svg",
-];
+use comment::{PrState, SummaryComment};
+use config::Config;
+use decision::{decide, Decision};
+use failure::{gh_ok, Failure};
 
-/// The flow's settings, with defaults that suit a mid-size hosted model.
-pub struct Config {
-    pub trigger_phrase: String,
-    pub review_drafts: bool,
-    pub review_bot_prs: bool,
-    pub ignore: Vec<String>,
-    pub budget: diff::Budget,
-    pub max_findings: usize,
-    pub answer_tokens: u32,
-    pub language: Option<String>,
-    /// PRs not reviewed automatically (a `/review` command still reviews them).
-    pub skip_labels: Vec<String>,
-    pub skip_branches: Vec<String>,
-    pub skip_title_prefixes: Vec<String>,
-}
-
-fn cfg_str(key: &str) -> Option<String> {
-    config::get(key).ok().flatten().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
-}
-
-fn cfg_bool(key: &str, default: bool) -> bool {
-    match cfg_str(key) {
-        Some(v) => matches!(v.to_ascii_lowercase().as_str(), "true" | "yes" | "1" | "on"),
-        None => default,
-    }
-}
-
-fn cfg_num(key: &str, default: usize) -> usize {
-    cfg_str(key).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn cfg_list(key: &str) -> Option<Vec<String>> {
-    let raw = cfg_str(key)?;
-    match serde_json::from_str::<Vec<String>>(&raw) {
-        Ok(list) => Some(list),
-        Err(_) => Some(raw.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
-    }
-}
-
-impl Config {
-    fn load() -> Config {
-        let mut ignore: Vec<String> = cfg_list("ignore").unwrap_or_else(|| DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect());
-        ignore.extend(cfg_list("extra_ignore").unwrap_or_default());
-        // Size each call to the model's context when the host knows it (local models), leaving room
-        // for the instructions and the answer.
-        let context = wasmflow::llm::info().ok().and_then(|i| i.chat).and_then(|c| c.context).map(|c| c as usize);
-        let answer_tokens = cfg_num("answer_tokens", 700) as u32;
-        let default_chunk = match context {
-            Some(ctx) => ctx.saturating_sub(answer_tokens as usize + 700).max(256).min(12_000),
-            None => 12_000,
-        };
-        let chunk_tokens = cfg_num("chunk_tokens", default_chunk).min(default_chunk.max(256));
-        Config {
-            trigger_phrase: cfg_str("trigger_phrase").unwrap_or_else(|| "/review".to_string()),
-            review_drafts: cfg_bool("review_drafts", false),
-            review_bot_prs: cfg_bool("review_bot_prs", false),
-            ignore,
-            budget: diff::Budget {
-                total_tokens: cfg_num("max_patch_tokens", 24_000),
-                chunk_tokens,
-                max_chunks: cfg_num("max_calls", 4).max(1),
-            },
-            max_findings: cfg_num("max_findings", 10),
-            answer_tokens,
-            language: cfg_str("language"),
-            skip_labels: cfg_list("skip_labels").unwrap_or_default(),
-            skip_branches: cfg_list("skip_branches").unwrap_or_default(),
-            skip_title_prefixes: cfg_list("skip_title_prefixes").unwrap_or_else(|| vec!["[skip review]".to_string()]),
-        }
-    }
-}
-
-/// Why this run reviews, or why it does nothing.
-enum Decision {
-    Skip(String),
-    Review { number: u64, command: bool, comment_id: Option<u64>, pr: Option<Value> },
-}
-
-fn is_bot(user: &Value, bot_login: &str) -> bool {
-    let login = user["login"].as_str().unwrap_or("");
-    (!bot_login.is_empty() && login.eq_ignore_ascii_case(bot_login)) || user["type"].as_str() == Some("Bot") || login.ends_with("[bot]")
-}
-
-fn decide(name: &str, payload: &Value, cfg: &Config, bot_login: &str) -> Decision {
-    let action = payload["action"].as_str().unwrap_or("");
-    match name {
-        "pull_request" => {
-            if !["opened", "reopened", "synchronize", "ready_for_review"].contains(&action) {
-                return Decision::Skip(format!("pull_request.{} is not reviewed", action));
-            }
-            let pr = &payload["pull_request"];
-            if pr["draft"].as_bool().unwrap_or(false) && !cfg.review_drafts {
-                return Decision::Skip("draft pull request (set review_drafts: true to review drafts)".to_string());
-            }
-            if is_bot(&pr["user"], bot_login) && !cfg.review_bot_prs {
-                return Decision::Skip(format!(
-                    "pull request opened by bot {} (set review_bot_prs: true to review them)",
-                    pr["user"]["login"].as_str().unwrap_or("?")
-                ));
-            }
-            let title = pr["title"].as_str().unwrap_or("").to_lowercase();
-            if let Some(prefix) = cfg.skip_title_prefixes.iter().find(|p| !p.is_empty() && title.starts_with(&p.to_lowercase())) {
-                return Decision::Skip(format!("title starts with {:?} (skip_title_prefixes)", prefix));
-            }
-            let labels: Vec<&str> = pr["labels"].as_array().map(|a| a.iter().filter_map(|l| l["name"].as_str()).collect()).unwrap_or_default();
-            if let Some(label) = cfg.skip_labels.iter().find(|l| labels.iter().any(|x| x.eq_ignore_ascii_case(l))) {
-                return Decision::Skip(format!("labelled {} (skip_labels)", label));
-            }
-            let branch = pr["head"]["ref"].as_str().unwrap_or("");
-            if let Some(pattern) = cfg.skip_branches.iter().find(|g| glob::matches(g, branch)) {
-                return Decision::Skip(format!("branch {} matches {} (skip_branches)", branch, pattern));
-            }
-            match pr["number"].as_u64() {
-                Some(number) => Decision::Review { number, command: false, comment_id: None, pr: Some(pr.clone()) },
-                None => Decision::Skip("payload has no pull_request.number".to_string()),
-            }
-        }
-        "issue_comment" => {
-            if action != "created" {
-                return Decision::Skip(format!("issue_comment.{} is not a command", action));
-            }
-            let comment = &payload["comment"];
-            if is_bot(&comment["user"], bot_login) {
-                return Decision::Skip("comment written by a bot (never a trigger)".to_string());
-            }
-            let body = comment["body"].as_str().unwrap_or("").trim_start();
-            let phrase = cfg.trigger_phrase.to_lowercase();
-            let head: String = body.chars().take(phrase.chars().count()).collect();
-            if head.to_lowercase() != phrase {
-                return Decision::Skip("comment does not start with the trigger phrase".to_string());
-            }
-            if payload["issue"]["pull_request"].is_null() {
-                return Decision::Skip("comment is on an issue, not a pull request".to_string());
-            }
-            match payload["issue"]["number"].as_u64() {
-                Some(number) => Decision::Review { number, command: true, comment_id: comment["id"].as_u64(), pr: None },
-                None => Decision::Skip("payload has no issue.number".to_string()),
-            }
-        }
-        other => Decision::Skip(format!("event {} is not handled", other)),
-    }
-}
-
-/// The reviewed state of one PR, kept in kv.
-#[derive(Default, Clone)]
-struct PrState {
-    sha: String,
-    comment_id: Option<u64>,
-    posted: Vec<String>,
-}
-
-/// kv is per flow, and one App serves many repositories: keys carry the repository.
-fn pr_key(repo: &str, number: u64) -> String {
-    format!("pr/{}/{}", repo.to_ascii_lowercase(), number)
-}
-
-impl PrState {
-    fn load(repo: &str, number: u64) -> PrState {
-        let v: Value = kv::get_json(&pr_key(repo, number)).ok().flatten().unwrap_or(Value::Null);
-        PrState {
-            sha: v["sha"].as_str().unwrap_or("").to_string(),
-            comment_id: v["comment_id"].as_u64(),
-            posted: v["posted"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default(),
-        }
-    }
-
-    fn save(&self, repo: &str, number: u64) -> wasmflow::Result<()> {
-        let mut posted = self.posted.clone();
-        if posted.len() > 300 {
-            posted.drain(..posted.len() - 300);
-        }
-        kv::set_json(&pr_key(repo, number), &json!({"sha": self.sha, "comment_id": self.comment_id, "posted": posted}))
-    }
-}
-
-/// A failure with what to say about it in the PR and whether a retry may help.
-struct Failure {
-    note: String,
-    transient: bool,
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Failure {
-        let transient = matches!(e, Error::Upstream | Error::Timeout | Error::Limit | Error::Internal);
-        Failure { note: e.to_string(), transient }
-    }
-}
-
-fn gh_ok(resp: github::Response, what: &str) -> Result<github::Response, Failure> {
-    if resp.is_success() {
-        return Ok(resp);
-    }
-    Err(Failure {
-        note: format!("GitHub answered {} to {}: {}", resp.status, what, resp.error_message()),
-        transient: resp.status >= 500 || resp.status == 429,
-    })
-}
-
+/// What one review run knows about the PR it reviews.
 struct Ctx {
     number: u64,
     head_sha: String,
     delivery: String,
     attempt: u32,
-    comment_id: Option<u64>,
-    bot_login: String,
+    /// The bot's summary comment on the PR.
+    comment: SummaryComment,
     repo: String,
     /// The reviewed head recorded in kv when this run started.
     started_sha: String,
@@ -245,55 +55,6 @@ struct Ctx {
 
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(7)]
-}
-
-fn set_comment(ctx: &mut Ctx, body: &str) -> Result<u64, Failure> {
-    let body = format!("{}\n{}", body, MARKER);
-    if let Some(id) = ctx.comment_id {
-        let resp = Request::patch(&format!("/repos/{{repo}}/issues/comments/{}", id)).json(&json!({"body": body})).send()?;
-        if resp.status != 404 {
-            gh_ok(resp, "updating the review comment")?;
-            return Ok(id);
-        }
-        // Deleted by someone: fall through and write a new one.
-    }
-    let resp = Request::post(&format!("/repos/{{repo}}/issues/{}/comments", ctx.number)).json(&json!({"body": body})).send()?;
-    let created: Value = gh_ok(resp, "creating the review comment")?.json()?;
-    let mut id = created["id"].as_u64().unwrap_or(0);
-    // Two runs for one new PR (opened, then a quick push) may both have created a comment: the oldest
-    // wins, and the other run deletes its own and carries on with the oldest.
-    let resp = Request::get(&format!("/repos/{{repo}}/issues/{}/comments", ctx.number)).paginate().send()?;
-    if resp.is_success() {
-        let comments: Vec<Value> = resp.json()?;
-        let oldest = comments
-            .iter()
-            .filter(|c| c["body"].as_str().map(|b| b.contains(MARKER)).unwrap_or(false) && is_bot(&c["user"], &ctx.bot_login))
-            .filter_map(|c| c["id"].as_u64())
-            .min();
-        if let Some(oldest) = oldest {
-            if oldest != id {
-                let _ = Request::delete(&format!("/repos/{{repo}}/issues/comments/{}", id)).send();
-                id = oldest;
-                let resp = Request::patch(&format!("/repos/{{repo}}/issues/comments/{}", id)).json(&json!({"body": body})).send()?;
-                gh_ok(resp, "updating the review comment")?;
-            }
-        }
-    }
-    ctx.comment_id = Some(id);
-    Ok(id)
-}
-
-/// The bot's summary comment on the PR: from kv, else by its hidden marker among the PR's comments.
-fn find_comment(number: u64, state: &PrState, bot_login: &str) -> Result<Option<u64>, Failure> {
-    if state.comment_id.is_some() {
-        return Ok(state.comment_id);
-    }
-    let resp = Request::get(&format!("/repos/{{repo}}/issues/{}/comments", number)).paginate().send()?;
-    let comments: Vec<Value> = gh_ok(resp, "listing comments")?.json()?;
-    Ok(comments
-        .iter()
-        .find(|c| c["body"].as_str().map(|b| b.contains(MARKER)).unwrap_or(false) && is_bot(&c["user"], bot_login))
-        .and_then(|c| c["id"].as_u64()))
 }
 
 fn main() {
@@ -316,9 +77,9 @@ fn run() -> Result<Value, Failure> {
     let info = wasmflow::run_info()?;
     let gh = github::info()?;
     let bot_login = gh.bot_login.clone().unwrap_or_default();
-    let cfg = Config::load();
+    let cfg = Config::load()?;
 
-    let (number, command, command_comment, pr_payload) = match decide(&name, &payload, &cfg, &bot_login) {
+    let (number, command, command_comment, pr_payload) = match decide(&name, &payload, &cfg.rules, &bot_login) {
         Decision::Skip(reason) => {
             wasmflow::info!("skipped: {}", reason);
             return Ok(json!({"action": "skipped", "reason": reason}));
@@ -353,26 +114,26 @@ fn run() -> Result<Value, Failure> {
         kv::set(&delivery_key, "skipped")?;
         return Ok(json!({"action": "skipped", "reason": "this head commit was already reviewed", "sha": head_sha}));
     }
-    let mut ctx = Ctx { number, head_sha: head_sha.clone(), delivery: delivery.clone(), attempt: info.attempt, comment_id: None, bot_login: bot_login.clone(),
+    let comment = SummaryComment::find(number, &state, &bot_login)?;
+    let mut ctx = Ctx { number, head_sha: head_sha.clone(), delivery: delivery.clone(), attempt: info.attempt, comment,
                         repo: repo.clone(), started_sha: state.sha.clone(), checks_md: String::new() };
-    ctx.comment_id = find_comment(number, &state, &bot_login)?;
     let previous_sha = state.sha.clone();
 
     // The placeholder: visible at once, and always replaced below (by the review or an error note).
-    let placeholder = if previous_sha.is_empty() || ctx.comment_id.is_none() {
+    let placeholder = if previous_sha.is_empty() || ctx.comment.id.is_none() {
         format!("⏳ **wasmflow** is reviewing `{}`… this comment will be updated in place.", short(&head_sha))
     } else {
         format!("⏳ **wasmflow** is updating the review for `{}` (last reviewed: `{}`)…", short(&head_sha), short(&previous_sha))
     };
-    set_comment(&mut ctx, &placeholder)?;
-    state.comment_id = ctx.comment_id;
+    ctx.comment.set(&placeholder)?;
+    state.comment_id = ctx.comment.id;
     state.save(&repo, number)?;
 
     match review_pr(&mut ctx, &cfg, &pr, &mut state, &previous_sha, command) {
         Ok(summary) => {
             if summary["action"] == "reviewed" {
                 state.sha = head_sha;
-                state.comment_id = ctx.comment_id;
+                state.comment_id = ctx.comment.id;
                 state.save(&repo, number)?;
             }
             kv::set(&delivery_key, "done")?;
@@ -393,7 +154,7 @@ fn run() -> Result<Value, Failure> {
             );
             // Replace the placeholder even when the failure was GitHub's; if that fails too, say so in the log.
             let full = format!("{}{}", note, ctx.checks_md);
-            if let Err(e) = set_comment(&mut ctx, &full) {
+            if let Err(e) = ctx.comment.set(&full) {
                 wasmflow::error!("could not write the error note: {}", e.note);
             }
             Err(failure)
@@ -506,7 +267,7 @@ fn review_pr(ctx: &mut Ctx, cfg: &Config, pr: &Value, state: &mut PrState, previ
             return Ok(json!({"action": "skipped", "reason": "superseded by a newer push while reviewing", "sha": ctx.head_sha}));
         }
     }
-    let comment_id = set_comment(ctx, &comment)?;
+    let comment_id = ctx.comment.set(&comment)?;
     Ok(json!({
         "action": "reviewed",
         "pr": number,

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 use wasmflow::llm::{self, ChatRequest, Message};
+use wasmflow::ErrorKind;
 
 use crate::diff::{Plan, FileDiff};
 
@@ -93,7 +94,7 @@ pub fn review(title: &str, body: &str, plan: &Plan, settings: &Settings) -> wasm
         };
         let answer = match llm::chat_with(&request) {
             Ok(a) => a,
-            Err(wasmflow::Error::TooLarge) | Err(wasmflow::Error::Invalid) => {
+            Err(e) if matches!(e.kind(), ErrorKind::TooLarge | ErrorKind::Invalid) => {
                 // This chunk does not fit the model (or the endpoint refused it): name it, go on.
                 out.failed_chunks.extend(chunk.iter().map(|f| f.path.clone()));
                 continue;
@@ -137,7 +138,7 @@ pub fn review(title: &str, body: &str, plan: &Plan, settings: &Settings) -> wasm
                 let text = a.content.trim().to_string();
                 if text.is_empty() { joined } else { text }
             }
-            Err(wasmflow::Error::TooLarge) | Err(wasmflow::Error::Invalid) => joined,
+            Err(e) if matches!(e.kind(), ErrorKind::TooLarge | ErrorKind::Invalid) => joined,
             Err(e) => return Err(e),
         }
     } else {

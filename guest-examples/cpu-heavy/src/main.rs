@@ -66,7 +66,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn number(key: &str, default: u64) -> wasmflow::Result<u64> {
-    Ok(config::get(key)?.and_then(|v| v.trim().parse().ok()).unwrap_or(default))
+    Ok(config::get_u64(key)?.unwrap_or(default))
 }
 
 fn main() -> wasmflow::Result<()> {

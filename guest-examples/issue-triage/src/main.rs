@@ -4,11 +4,14 @@
 //!
 //! Config: `model` (WASI-NN model name, default `minilm`), `duplicate_threshold` (cosine, default
 //! 0.80), `max_duplicates` (3), `labels` (JSON object label → keywords, matched as words in the title
-//! and body), `duplicate_label` (applied when duplicates are found; empty to skip), `recent` (how
-//! many issues are kept, 200), `bootstrap` (how many existing issues to embed on the first run, 50).
+//! and body), `duplicate_label` (applied when duplicates are found, default `possible-duplicate`;
+//! empty to skip), `recent` (how many issues are kept, 200), `bootstrap` (how many existing issues to
+//! embed on the first run, 50). A value of the wrong type fails the run with a message naming it.
 //!
 //! The first run in a repository has no vectors in kv yet, so it reads the recent issues from GitHub
 //! once and embeds them; later runs only embed the new issue.
+
+use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 use wasmflow::github::Request;
@@ -17,8 +20,38 @@ use wasmflow::{config, event, kv, output};
 
 const MARKER: &str = "<!-- wasmflow:issue-triage -->";
 
-fn cfg(key: &str) -> Option<String> {
-    config::get(key).ok().flatten().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+/// The flow's `config:`, read once with the SDK's typed getters (a wrong type fails the run, naming the key).
+struct Settings {
+    model: String,
+    bootstrap: usize,
+    threshold: f32,
+    max_duplicates: usize,
+    /// Label → keywords, from the `labels` object.
+    labels: BTreeMap<String, Vec<String>>,
+    /// `None` when set to an empty string: no label for duplicates.
+    duplicate_label: Option<String>,
+    recent: usize,
+}
+
+fn count(key: &str, default: usize) -> wasmflow::Result<usize> {
+    Ok(config::get_u64(key)?.map(|n| usize::try_from(n).unwrap_or(usize::MAX)).unwrap_or(default))
+}
+
+impl Settings {
+    fn load() -> wasmflow::Result<Settings> {
+        Ok(Settings {
+            model: config::get_trimmed("model")?.unwrap_or_else(|| "minilm".to_string()),
+            bootstrap: count("bootstrap", 50)?,
+            threshold: config::get_f64("duplicate_threshold")?.unwrap_or(0.80) as f32,
+            max_duplicates: count("max_duplicates", 3)?,
+            labels: config::get_json("labels")?.unwrap_or_default(),
+            duplicate_label: match config::get("duplicate_label")? {
+                None => Some("possible-duplicate".to_string()),
+                Some(l) => Some(l.trim().to_string()).filter(|l| !l.is_empty()),
+            },
+            recent: count("recent", 200)?,
+        })
+    }
 }
 
 fn fail(msg: String, transient: bool) -> ! {
@@ -96,7 +129,11 @@ fn main() {
     let title = issue["title"].as_str().unwrap_or("");
     let body = issue["body"].as_str().unwrap_or("");
 
-    let model = cfg("model").unwrap_or_else(|| "minilm".to_string());
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => fail(e.to_string(), false),
+    };
+    let model = settings.model.clone();
     let graph = match GraphBuilder::new(GraphEncoding::Ggml, ExecutionTarget::AUTO)
         .config(r#"{"embedding": true}"#.to_string())
         .build_from_cache(&model)
@@ -115,7 +152,7 @@ fn main() {
     let mut index: Vec<u64> = kv::get_json(&index_key).ok().flatten().unwrap_or_default();
     let mut bootstrapped = 0usize;
     if index.is_empty() {
-        let limit: usize = cfg("bootstrap").and_then(|v| v.parse().ok()).unwrap_or(50);
+        let limit = settings.bootstrap;
         let resp = Request::get("/repos/{repo}/issues").query("state", "all").query("per_page", limit.min(100) as u64).send();
         let existing: Vec<Value> = match resp {
             Ok(r) if r.is_success() => r.json().unwrap_or_default(),
@@ -142,8 +179,8 @@ fn main() {
         Err(e) => fail(format!("embedding the issue: {}", e), true),
     };
 
-    let threshold: f32 = cfg("duplicate_threshold").and_then(|v| v.parse().ok()).unwrap_or(0.80);
-    let max_dups: usize = cfg("max_duplicates").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let threshold = settings.threshold;
+    let max_dups = settings.max_duplicates;
     let mut scored: Vec<(u64, f32, String)> = Vec::new();
     for n in &index {
         if *n == number {
@@ -162,24 +199,19 @@ fn main() {
 
     // Labels: keywords from the config, matched as words of the title and body.
     let mut labels: Vec<String> = Vec::new();
-    if let Some(raw) = cfg("labels") {
-        let rules: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
-        let text_words = words(&issue_text(title, body));
-        if let Some(map) = rules.as_object() {
-            for (label, keywords) in map {
-                let hit = keywords.as_array().map(|ks| ks.iter().filter_map(|k| k.as_str()).any(|k| {
-                    let kw = words(k);
-                    !kw.is_empty() && text_words.windows(kw.len()).any(|w| w == kw.as_slice())
-                })).unwrap_or(false);
-                if hit {
-                    labels.push(label.clone());
-                }
-            }
+    let text_words = words(&issue_text(title, body));
+    for (label, keywords) in &settings.labels {
+        let hit = keywords.iter().any(|k| {
+            let kw = words(k);
+            !kw.is_empty() && text_words.windows(kw.len()).any(|w| w == kw.as_slice())
+        });
+        if hit {
+            labels.push(label.clone());
         }
     }
     if !duplicates.is_empty() {
-        if let Some(l) = cfg("duplicate_label").or_else(|| Some("possible-duplicate".to_string())) {
-            labels.push(l);
+        if let Some(l) = &settings.duplicate_label {
+            labels.push(l.clone());
         }
     }
 
@@ -211,7 +243,7 @@ fn main() {
     // Remember this issue for the next ones; keep the index bounded.
     let _ = kv::set_json(&issue_key(number), &json!({"title": title, "vec": vec}));
     index.push(number);
-    let keep: usize = cfg("recent").and_then(|v| v.parse().ok()).unwrap_or(200);
+    let keep = settings.recent;
     while index.len() > keep {
         let old = index.remove(0);
         let _ = kv::delete(&issue_key(old));

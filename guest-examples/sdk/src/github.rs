@@ -17,27 +17,23 @@
 //! ```
 //!
 //! A 4xx or 5xx answer is a [`Response`] (check [`Response::status`]); errors are for calls the host
-//! refused ([`crate::Error::Denied`]), could not make ([`crate::Error::Upstream`], including a rate
-//! limit that does not fit in the run) or that ran past the deadline ([`crate::Error::Timeout`]).
+//! refused ([`crate::ErrorKind::Denied`]), could not make ([`crate::ErrorKind::Upstream`], including a rate
+//! limit that does not fit in the run) or that ran past the deadline ([`crate::ErrorKind::Timeout`]).
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::result::{call, call_n, into_string, string_map};
-use crate::{Error, Result};
+use crate::http::Method;
+use crate::result::{call, call_n, into_string, response_head};
+use crate::{sys, Error, Result};
 
-#[link(wasm_import_module = "wasmflow")]
-extern "C" {
-    fn github_request(req_ptr: *const u8, req_len: usize, body_ptr: *const u8, body_len: usize, out: *mut u8) -> i32;
-    fn github_info(out: *mut u8) -> i32;
-}
-
-/// A GitHub API request, built step by step and sent with [`Request::send`].
+/// A GitHub API request, built step by step and sent with [`Request::send`], in the same style as
+/// [`crate::http::Request`] (a constructor per [`Method`], chained setters, `send`).
 #[derive(Debug, Clone)]
 pub struct Request {
-    method: String,
+    method: Method,
     path: String,
     query: BTreeMap<String, serde_json::Value>,
     accept: Option<String>,
@@ -49,9 +45,9 @@ pub struct Request {
 
 impl Request {
     /// A request with any method to a path such as `/repos/{repo}/pulls/1`.
-    pub fn new(method: &str, path: &str) -> Request {
+    pub fn new(method: Method, path: &str) -> Request {
         Request {
-            method: method.to_ascii_uppercase(),
+            method,
             path: path.to_string(),
             query: BTreeMap::new(),
             accept: None,
@@ -64,27 +60,33 @@ impl Request {
 
     /// A GET request.
     pub fn get(path: &str) -> Request {
-        Request::new("GET", path)
+        Request::new(Method::Get, path)
     }
 
     /// A POST request.
     pub fn post(path: &str) -> Request {
-        Request::new("POST", path)
+        Request::new(Method::Post, path)
     }
 
     /// A PATCH request.
     pub fn patch(path: &str) -> Request {
-        Request::new("PATCH", path)
+        Request::new(Method::Patch, path)
     }
 
     /// A PUT request.
     pub fn put(path: &str) -> Request {
-        Request::new("PUT", path)
+        Request::new(Method::Put, path)
     }
 
     /// A DELETE request.
     pub fn delete(path: &str) -> Request {
-        Request::new("DELETE", path)
+        Request::new(Method::Delete, path)
+    }
+
+    /// Change the method.
+    pub fn method(mut self, method: Method) -> Request {
+        self.method = method;
+        self
     }
 
     /// Add a query parameter (`per_page`, `state`, `q`, ...).
@@ -128,7 +130,7 @@ impl Request {
         if let Some(err) = &self.pending {
             return Err(err.clone());
         }
-        let mut spec = serde_json::json!({"method": self.method, "path": self.path, "paginate": self.paginate});
+        let mut spec = serde_json::json!({"method": self.method.as_str(), "path": self.path, "paginate": self.paginate});
         if !self.query.is_empty() {
             spec["query"] = serde_json::to_value(&self.query)?;
         }
@@ -142,20 +144,12 @@ impl Request {
         let empty: Vec<u8> = Vec::new();
         let body = self.body.as_ref().unwrap_or(&empty);
         let mut results = call_n(2, |out| unsafe {
-            github_request(spec.as_ptr(), spec.len(), body.as_ptr(), body.len(), out)
+            sys::github_request(spec.as_ptr(), spec.len(), body.as_ptr(), body.len(), out)
         })?;
         let body = results.pop().unwrap_or_default();
-        let head: serde_json::Value = serde_json::from_slice(&results.pop().unwrap_or_default())?;
-        let status = head
-            .get("status")
-            .and_then(|s| s.as_u64())
-            .ok_or_else(|| Error::Json("response head has no status".to_string()))?;
-        let headers = match head.get("headers") {
-            Some(h) => string_map(h.clone())?,
-            None => HashMap::new(),
-        };
+        let (status, headers, head) = response_head(&results.pop().unwrap_or_default())?;
         Ok(Response {
-            status: status as u16,
+            status,
             headers,
             pages: head.get("pages").and_then(|p| p.as_u64()).unwrap_or(1) as u32,
             truncated: head.get("truncated").and_then(|t| t.as_bool()).unwrap_or(false),
@@ -227,6 +221,6 @@ pub struct Info {
 
 /// The run's GitHub context: repository, installation, the App's bot login.
 pub fn info() -> Result<Info> {
-    let bytes = call(|out| unsafe { github_info(out) })?;
+    let bytes = call(|out| unsafe { sys::github_info(out) })?;
     Ok(serde_json::from_slice(&bytes)?)
 }

@@ -14,35 +14,79 @@
 //! ```
 //!
 //! A 4xx or 5xx answer is a [`Response`], not an error: check [`Response::status`]. Errors are for
-//! requests that got no answer ([`crate::Error::Upstream`], [`crate::Error::Timeout`]) or were
-//! refused ([`crate::Error::Denied`] for an origin the flow does not allow).
+//! requests that got no answer ([`crate::ErrorKind::Upstream`], [`crate::ErrorKind::Timeout`]) or were
+//! refused ([`crate::ErrorKind::Denied`] for an origin the flow does not allow).
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::result::{call_n, into_string, string_map};
+use crate::result::{call_n, into_string, response_head};
 use crate::{sys, Error, Result};
 
+/// An HTTP method, for [`Request::new`] here and in [`crate::github::Request::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// `GET`
+    Get,
+    /// `HEAD`
+    Head,
+    /// `POST`
+    Post,
+    /// `PUT`
+    Put,
+    /// `PATCH`
+    Patch,
+    /// `DELETE`
+    Delete,
+    /// `OPTIONS`
+    Options,
+}
+
+impl Method {
+    /// The method's name as it goes on the wire (`"GET"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+            Method::Options => "OPTIONS",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An HTTP request, built step by step and sent with [`Request::send`].
+///
+/// The builder style is the same as [`crate::github::Request`]'s: a constructor per method (or
+/// [`Request::new`] with a [`Method`]), then chained setters, then `send`. A body that fails to
+/// serialise in [`Request::json`] is reported by `send`, so the chain never breaks.
 #[derive(Debug, Clone)]
 pub struct Request {
-    method: String,
+    method: Method,
     url: String,
     headers: BTreeMap<String, String>,
     body: Vec<u8>,
     timeout_ms: Option<u64>,
-    /// A body that failed to serialise in [`Request::json`]; reported by `send` so the builder chains.
     pending: Option<Error>,
 }
 
 impl Request {
-    /// A request with any method (`"GET"`, `"POST"`, ...).
-    pub fn new(method: &str, url: &str) -> Request {
+    /// A request with any method.
+    pub fn new(method: Method, url: &str) -> Request {
         Request {
-            method: method.to_ascii_uppercase(),
+            method,
             url: url.to_string(),
             headers: BTreeMap::new(),
             body: Vec::new(),
@@ -53,32 +97,32 @@ impl Request {
 
     /// A GET request.
     pub fn get(url: &str) -> Request {
-        Request::new("GET", url)
+        Request::new(Method::Get, url)
     }
 
     /// A POST request.
     pub fn post(url: &str) -> Request {
-        Request::new("POST", url)
+        Request::new(Method::Post, url)
     }
 
     /// A PUT request.
     pub fn put(url: &str) -> Request {
-        Request::new("PUT", url)
+        Request::new(Method::Put, url)
     }
 
     /// A PATCH request.
     pub fn patch(url: &str) -> Request {
-        Request::new("PATCH", url)
+        Request::new(Method::Patch, url)
     }
 
     /// A DELETE request.
     pub fn delete(url: &str) -> Request {
-        Request::new("DELETE", url)
+        Request::new(Method::Delete, url)
     }
 
     /// Change the method.
-    pub fn method(mut self, method: &str) -> Request {
-        self.method = method.to_ascii_uppercase();
+    pub fn method(mut self, method: Method) -> Request {
+        self.method = method;
         self
     }
 
@@ -127,7 +171,7 @@ impl Request {
             return Err(err.clone());
         }
         let mut spec = serde_json::json!({
-            "method": self.method,
+            "method": self.method.as_str(),
             "url": self.url,
             "headers": self.headers,
         });
@@ -139,16 +183,8 @@ impl Request {
             sys::http_request(spec.as_ptr(), spec.len(), self.body.as_ptr(), self.body.len(), out)
         })?;
         let body = results.pop().unwrap_or_default();
-        let head: serde_json::Value = serde_json::from_slice(&results.pop().unwrap_or_default())?;
-        let status = head
-            .get("status")
-            .and_then(|s| s.as_u64())
-            .ok_or_else(|| Error::Json("response head has no status".to_string()))?;
-        let headers = match head.get("headers") {
-            Some(h) => string_map(h.clone())?,
-            None => HashMap::new(),
-        };
-        Ok(Response { status: status as u16, headers, body })
+        let (status, headers, _) = response_head(&results.pop().unwrap_or_default())?;
+        Ok(Response { status, headers, body })
     }
 }
 

@@ -1,6 +1,6 @@
 //! Key-value storage private to the flow, kept across runs and restarts.
 //!
-//! Keys are up to 512 bytes, values up to 1 MiB ([`crate::Error::TooLarge`]).
+//! Keys are up to 512 bytes, values up to 1 MiB ([`crate::ErrorKind::TooLarge`]).
 //!
 //! Runs of a flow may execute at the same time, so a `get` followed by a `set` can lose another
 //! run's write. Use [`increment`] for counters and [`compare_and_set`] for anything else that must
@@ -56,7 +56,7 @@ pub fn keys(prefix: &str) -> Result<Vec<String>> {
 /// Add `delta` to the counter under `key` (absent counts as 0) and return the new value, atomically.
 ///
 /// The counter is stored as decimal text (`"42"`), so [`get_str`] reads it too. A value that is not
-/// a decimal integer, or a sum outside the `i64` range, is [`crate::Error::Invalid`] (nothing changes).
+/// a decimal integer, or a sum outside the `i64` range, is [`crate::ErrorKind::Invalid`] (nothing changes).
 pub fn increment(key: &str, delta: i64) -> Result<i64> {
     let mut value: i64 = 0;
     check(unsafe { sys::kv_increment(key.as_ptr(), key.len(), delta, &mut value) })?;

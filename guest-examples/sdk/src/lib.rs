@@ -16,7 +16,9 @@
 //! ```
 //!
 //! Every call returns [`Result`]; the host never traps on a guest's mistake, it returns an
-//! [`Error`] the guest can handle. The raw imports are in [`sys`] for code that needs them.
+//! [`Error`] the guest can handle: its [`ErrorKind`] (the ABI code) and the host's message saying why
+//! (`Display` shows both). WASI-NN errors ([`nn::Error`]) convert into [`Error`], so `?` works
+//! across the two. The raw imports are in [`sys`] for code that needs them.
 
 #![warn(missing_docs)]
 
@@ -37,7 +39,8 @@ pub mod response;
 pub mod secrets;
 pub mod nn;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
+pub use http::Method;
 pub use event::{run_info, RunInfo};
 
 /// Re-exported so guests can derive `Deserialize`/`Serialize` for [`event::parse`] and friends

@@ -16,14 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::result::call;
-use crate::Result;
-
-#[link(wasm_import_module = "wasmflow")]
-extern "C" {
-    fn llm_chat(req_ptr: *const u8, req_len: usize, out: *mut u8) -> i32;
-    fn llm_embed(req_ptr: *const u8, req_len: usize, out: *mut u8) -> i32;
-    fn llm_info(out: *mut u8) -> i32;
-}
+use crate::{sys, Result};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,7 +103,7 @@ pub fn chat(messages: &[Message]) -> Result<Completion> {
 /// Send a [`ChatRequest`].
 pub fn chat_with(request: &ChatRequest) -> Result<Completion> {
     let req = serde_json::to_vec(request)?;
-    let bytes = call(|out| unsafe { llm_chat(req.as_ptr(), req.len(), out) })?;
+    let bytes = call(|out| unsafe { sys::llm_chat(req.as_ptr(), req.len(), out) })?;
     Ok(serde_json::from_slice(&bytes)?)
 }
 
@@ -122,7 +115,7 @@ struct Embeddings {
 /// One vector per input text, from the flow's `llm.embeddings` model.
 pub fn embed(inputs: &[&str]) -> Result<Vec<Vec<f32>>> {
     let req = serde_json::to_vec(&serde_json::json!({ "input": inputs }))?;
-    let bytes = call(|out| unsafe { llm_embed(req.as_ptr(), req.len(), out) })?;
+    let bytes = call(|out| unsafe { sys::llm_embed(req.as_ptr(), req.len(), out) })?;
     let parsed: Embeddings = serde_json::from_slice(&bytes)?;
     Ok(parsed.embeddings)
 }
@@ -151,6 +144,6 @@ pub struct Info {
 
 /// Which models the flow's calls reach, and their context sizes: size prompts to fit.
 pub fn info() -> Result<Info> {
-    let bytes = call(|out| unsafe { llm_info(out) })?;
+    let bytes = call(|out| unsafe { sys::llm_info(out) })?;
     Ok(serde_json::from_slice(&bytes)?)
 }

@@ -1,7 +1,7 @@
 //! Logs, stored with the run and shown by `wasmflow run` and `wasmflow logs`.
 //!
-//! Use the macros [`trace!`](crate::trace), [`debug!`](crate::debug), [`info!`](crate::info),
-//! [`warn!`](crate::warn) and [`error!`](crate::error): they take `format!` arguments and never fail
+//! Use the macros [`trace!`](crate::trace!), [`debug!`](crate::debug!), [`info!`](crate::info!),
+//! [`warn!`](crate::warn!) and [`error!`](crate::error!): they take `format!` arguments and never fail
 //! the agent (a log the host refuses, e.g. past 10,000 lines, is dropped). [`write()`] returns the
 //! host's answer for code that cares.
 

@@ -5,7 +5,7 @@ use serde::Serialize;
 use crate::error::check;
 use crate::{sys, Result};
 
-/// Set the output to these bytes (at most 1 MiB, else [`crate::Error::TooLarge`]).
+/// Set the output to these bytes (at most 1 MiB, else [`crate::ErrorKind::TooLarge`]).
 pub fn set(bytes: impl AsRef<[u8]>) -> Result<()> {
     let bytes = bytes.as_ref();
     check(unsafe { sys::set_output(bytes.as_ptr(), bytes.len()) })

@@ -5,13 +5,13 @@
 use crate::error::check;
 use crate::{sys, Result};
 
-/// Set the status code (100..=599, else [`crate::Error::Invalid`]).
+/// Set the status code (100..=599, else [`crate::ErrorKind::Invalid`]).
 pub fn status(code: u16) -> Result<()> {
     check(unsafe { sys::set_response_status(u32::from(code)) })
 }
 
 /// Append a header. The name must be an HTTP token and the value free of CR/LF
-/// ([`crate::Error::Invalid`] otherwise).
+/// ([`crate::ErrorKind::Invalid`] otherwise).
 pub fn header(name: &str, value: &str) -> Result<()> {
     check(unsafe { sys::set_response_header(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }

@@ -1,13 +1,14 @@
-//! The raw imports of the `wasmflow` module, exactly as `docs/abi.md` lists them.
+//! The raw imports of the `wasmflow` module, exactly as `docs/abi.md` lists them: every function the
+//! host offers in that module is declared here, and only here (a test of the host checks the two agree).
 //!
 //! Everything here is `unsafe`: the host checks every pointer and length against linear memory, but
 //! it writes through the ones that are in range, so a wrong pointer can corrupt the guest's own
 //! memory. Prefer the safe modules of this crate; these exist for tests of the host's checks and for
 //! anything the safe API does not cover yet.
 //!
-//! Every function returns an ABI error code (0 is OK, see [`crate::Error::from_code`]). Functions with
-//! an `out` parameter write an 8-byte result descriptor (`u32 handle, u32 len`, little-endian) there,
-//! to be read back with [`result_read`].
+//! Every function returns an ABI error code (0 is OK, see [`crate::ErrorKind::from_code`]); after a
+//! failure, [`last_error`] describes why. Functions with an `out` parameter write an 8-byte result
+//! descriptor (`u32 handle, u32 len`, little-endian) there, to be read back with [`result_read`].
 
 #![allow(missing_docs)]
 
@@ -18,6 +19,9 @@ pub const OK: i32 = 0;
 extern "C" {
     // Results
     pub fn result_read(handle: u32, buf_ptr: *mut u8, buf_len: usize) -> i32;
+    /// The message of the run's most recent failed call (UTF-8, at most 4 KiB) as a result;
+    /// `NOT_FOUND` if no call has failed yet.
+    pub fn last_error(out: *mut u8) -> i32;
 
     // Event and run
     pub fn event_name(out: *mut u8) -> i32;
@@ -68,4 +72,19 @@ extern "C" {
         body_len: usize,
         out: *mut u8,
     ) -> i32;
+
+    // GitHub, made by the host as the App installation: `out` receives two descriptors, head then body.
+    pub fn github_request(
+        req_ptr: *const u8,
+        req_len: usize,
+        body_ptr: *const u8,
+        body_len: usize,
+        out: *mut u8,
+    ) -> i32;
+    pub fn github_info(out: *mut u8) -> i32;
+
+    // LLM calls through the flow's `llm:` endpoints.
+    pub fn llm_chat(req_ptr: *const u8, req_len: usize, out: *mut u8) -> i32;
+    pub fn llm_embed(req_ptr: *const u8, req_len: usize, out: *mut u8) -> i32;
+    pub fn llm_info(out: *mut u8) -> i32;
 }
