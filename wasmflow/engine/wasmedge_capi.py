@@ -87,7 +87,9 @@ class Value(Structure):
     _fields_ = [("Lo", c_uint64), ("Hi", c_uint64), ("Type", ValType), ("_pad", c_uint8 * 8)]
 
 
-assert ctypes.sizeof(Value) == 32
+if ctypes.sizeof(Value) != 32:  # WasmEdge passes values by this layout: any other size corrupts every call
+    raise ImportError(f"WasmEdge_Value is 32 bytes in the C API, but ctypes lays it out in {ctypes.sizeof(Value)} "
+                      "on this platform; use the wasmtime engine here")
 
 # WasmEdge_Result (*)(void *Data, const WasmEdge_CallingFrameContext *, const WasmEdge_Value *Params,
 #                     WasmEdge_Value *Returns)

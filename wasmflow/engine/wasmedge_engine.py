@@ -25,7 +25,9 @@ How the WasmEdge pieces map onto that contract:
   this run, drained by a thread into a capped buffer (so a guest printing forever costs no more than
   the cap). WasmEdge does not take ownership of those fds; we close them after the WASI module is
   gone. On 0.14/0.15, which lack that function, the process's own fds 0-2 are redirected with `dup2`
-  for the duration of a run; that is process-wide, so runs on those versions are serialized.
+  for the duration of a run; that is process-wide, so runs on those versions are serialized. Host-side
+  writes into the guest's stdout (WASI-NN stream-stdout, through `RunContext.stdout`) go into the same
+  fd, so they keep their order with the guest's own and count against the same cap.
 - **AOT** (only where libwasmedge was built with LLVM, i.e. `WasmEdge_CompilerCreate` returns a
   context): modules are validated, compiled once into WasmEdge's universal-wasm format in the cache
   directory (`wasmedge-<version>/`, entries checked by digest) and loaded from there. The code is
@@ -66,7 +68,7 @@ from typing import Any, Callable, Optional
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
-from wasmflow.host_functions.spec import Call, Code, Halt, HostError, HostFunction, RunContext, check_range, invoke
+from wasmflow.host_functions.spec import BoundedMemory, Call, Code, Halt, HostError, HostFunction, RunContext, invoke
 
 from . import wasmedge_capi as capi
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
@@ -122,8 +124,9 @@ class _Releaser:
                 log.exception("releasing %s", getattr(fn, "__name__", fn))
 
 
-class _EdgeMemory:
-    """GuestMemory over a guest's exported `memory` instance (None: the guest exports none)."""
+class _EdgeMemory(BoundedMemory):
+    """GuestMemory over a guest's exported `memory` instance (None: the guest exports none); the bounds
+    rule is BoundedMemory's, this supplies only the raw size and copies."""
 
     __slots__ = ("_lib", "_mem")
 
@@ -140,17 +143,11 @@ class _EdgeMemory:
             raise HostError(Code.BAD_POINTER, f"range {ptr}+{length} outside guest memory")
         return int(address)
 
-    def read(self, ptr: int, length: int) -> bytes:
-        ptr &= 0xFFFFFFFF
-        length &= 0xFFFFFFFF
-        check_range(self.size(), ptr, length)
-        return ctypes.string_at(self._pointer(ptr, length), length) if length else b""
+    def _load(self, ptr: int, length: int) -> bytes:
+        return ctypes.string_at(self._pointer(ptr, length), length)
 
-    def write(self, ptr: int, data: bytes) -> None:
-        ptr &= 0xFFFFFFFF
-        check_range(self.size(), ptr, len(data))
-        if data:
-            ctypes.memmove(self._pointer(ptr, len(data)), data, len(data))
+    def _store(self, ptr: int, data: bytes) -> None:
+        ctypes.memmove(self._pointer(ptr, len(data)), data, len(data))
 
 
 @dataclass
@@ -196,17 +193,8 @@ class _Dispatch:
         active = self.runs.get(self.lib.WasmEdge_CallingFrameGetModuleInstance(frame) or 0)
         if active is None:  # a call from no run of ours (a start function): refuse, do not crash
             return int(Code.INTERNAL)
-        args = [_get_value(params[i], t) for i, t in enumerate(fn.params)]
-        return invoke(fn, Call(active.memory, active.run), args)
-
-
-def _get_value(value: capi.Value, kind: str) -> int:
-    """A parameter as wasmtime-py passes it: a signed integer of the parameter's width."""
-    if kind == "i32":
-        raw = value.Lo & 0xFFFFFFFF
-        return raw - (1 << 32) if raw & 0x80000000 else raw
-    raw = value.Lo
-    return raw - (1 << 64) if raw & (1 << 63) else raw
+        # The raw bits: `invoke` converts each to the kind the function declares.
+        return invoke(fn, Call(active.memory, active.run), [params[i].Lo for i in range(len(fn.params))])
 
 
 def _set_value(value: capi.Value, number: int, kind: str, lib: capi.Lib) -> None:
@@ -254,6 +242,21 @@ class _Stdio:
                 os.close(fd)
             self.close()
             raise
+
+    def write_stdout(self, data: bytes) -> int:
+        """Host-side writes into the guest's stdout (WASI-NN stream-stdout): into the same fd the guest
+        writes to, so they land in order with its own output and under the same cap. The drain thread
+        reads to EOF, so the write cannot block for good; after the run, writes are dropped."""
+        fd = self.fds[1]
+        if fd != 1 and fd not in self._own:  # closed: the run is over
+            return 0
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:  # the process's own stdout closed under us (inherit_stdio): nothing to keep
+            pass
+        return len(data)
 
     def close(self) -> None:
         """After the WASI module is gone: close our write ends, wait for the drain to see EOF."""
@@ -354,7 +357,7 @@ class WasmEdgeEngine:
         self._map_fds = lib.has_fd_mapping
         functions = host.functions()
         for fn in functions:
-            if any(t not in ("i32", "i64") for t in (*fn.params, *fn.results)) or len(fn.results) > 1:
+            if any(t not in ("i32", "i64") for t in (*fn.wasm_params, *fn.results)) or len(fn.results) > 1:
                 raise ValueError(f"{fn.module}::{fn.name}: only i32/i64 parameters and at most one result are supported")
         self._dispatch = _Dispatch(lib, functions)
         self._lock = threading.Condition()
@@ -409,7 +412,7 @@ class WasmEdgeEngine:
             self._owned.add(lib.WasmEdge_ModuleInstanceDelete, module)  # deletes its functions too
             self._host_modules.append(module)
             for index, fn in entries:
-                params = [self._valtype(t) for t in fn.params]
+                params = [self._valtype(t) for t in fn.wasm_params]
                 results = [self._valtype(t) for t in fn.results]
                 ftype = _check(
                     lib.WasmEdge_FunctionTypeCreate(
@@ -613,12 +616,13 @@ class WasmEdgeEngine:
         except (ModuleError, ModuleShapeError) as exc:
             result.status, result.error = Status.INVALID, str(exc)
             return result
-        missing = [e.split(":")[0] for e in flow.allow.dirs if not os.path.isdir(e.split(":")[0])]
+        missing = [g.host for g in flow.allow.dir_grants if not os.path.isdir(g.host)]
         if missing:  # WasmEdge would skip such a preopen silently; a flow's grant must not vanish quietly
             result.status = Status.INVALID
             result.error = f"flow {flow.name!r}: allow.dirs names {missing[0]}, which is not a directory"
             return result
         stdio = _Stdio(request, limits.output, self.dev_null)
+        ctx.stdout = stdio.write_stdout
         try:
             if self._map_fds:
                 self._execute(ast, request, ctx, stdio, result, memory_bytes)
@@ -642,9 +646,8 @@ class WasmEdgeEngine:
         env = wasi_env(flow) if request.env is None else request.env
         envs, envc = capi.c_strings([f"{k}={v}".encode() for k, v in env.items()])
         dirs = []
-        for entry in flow.allow.dirs:  # flows.yaml: host:guest[:ro]; WasmEdge: guest:host[:readonly]
-            host_path, guest_path, *ro = entry.split(":")
-            dirs.append(f"{guest_path}:{host_path}{':readonly' if ro else ''}".encode())
+        for grant in flow.allow.dir_grants:  # WasmEdge's form: guest:host[:readonly]
+            dirs.append(f"{grant.guest}:{grant.host}{':readonly' if grant.read_only else ''}".encode())
         pre, prec = capi.c_strings(dirs)
         if self._map_fds:
             wasi = self.lib.WasmEdge_ModuleInstanceCreateWASIWithFds(argv, argc, envs, envc, pre, prec, *stdio.fds)

@@ -25,7 +25,7 @@ import wasmtime
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
-from wasmflow.host_functions.spec import Call, Code, Halt, HostFunction, RunContext, check_range, invoke
+from wasmflow.host_functions.spec import BoundedMemory, Call, Code, Halt, HostFunction, RunContext, invoke
 
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
@@ -37,8 +37,9 @@ EPOCH_MS = 10
 _current = threading.local()  # the RunContext of the run executing on this thread
 
 
-class _CallerMemory:
-    """GuestMemory over the calling instance's exported `memory`, valid for one host call."""
+class _CallerMemory(BoundedMemory):
+    """GuestMemory over the calling instance's exported `memory`, valid for one host call; the bounds
+    rule is BoundedMemory's, this supplies only the raw size and copies."""
 
     __slots__ = ("_caller", "_mem")
 
@@ -52,17 +53,11 @@ class _CallerMemory:
     def _base(self) -> int:
         return ctypes.addressof(self._mem.data_ptr(self._caller).contents)  # type: ignore[union-attr]
 
-    def read(self, ptr: int, length: int) -> bytes:
-        ptr &= 0xFFFFFFFF
-        length &= 0xFFFFFFFF
-        check_range(self.size(), ptr, length)
-        return ctypes.string_at(self._base() + ptr, length) if length else b""
+    def _load(self, ptr: int, length: int) -> bytes:
+        return ctypes.string_at(self._base() + ptr, length)
 
-    def write(self, ptr: int, data: bytes) -> None:
-        ptr &= 0xFFFFFFFF
-        check_range(self.size(), ptr, len(data))
-        if data:
-            ctypes.memmove(self._base() + ptr, data, len(data))
+    def _store(self, ptr: int, data: bytes) -> None:
+        ctypes.memmove(self._base() + ptr, data, len(data))
 
 
 def adapt(fn: HostFunction) -> Callable[..., int]:
@@ -110,7 +105,7 @@ class WasmtimeEngine:
         self.linker.define_wasi()
         for fn in host.functions():
             ty = wasmtime.FuncType(
-                [getattr(wasmtime.ValType, t)() for t in fn.params],
+                [getattr(wasmtime.ValType, t)() for t in fn.wasm_params],
                 [getattr(wasmtime.ValType, t)() for t in fn.results],
             )
             self.linker.define_func(fn.module, fn.name, ty, adapt(fn), access_caller=True)
@@ -184,11 +179,11 @@ class WasmtimeEngine:
             if request.inherit_stdio:
                 wasi.inherit_stdout()
                 wasi.inherit_stderr()
-                ctx.state["_stdout"] = _write_process_stdout
+                ctx.stdout = _write_process_stdout
             else:
                 wasi.stdout_custom = stdout.write
                 wasi.stderr_custom = stderr.write
-                ctx.state["_stdout"] = stdout.write  # host-side writes (WASI-NN stream-stdout) land in order
+                ctx.stdout = stdout.write  # host-side writes (WASI-NN stream-stdout) land in order
             if request.stdin is not None:
                 stdin_file = tempfile.NamedTemporaryFile(prefix="wasmflow-stdin-")
                 stdin_file.write(request.stdin)
@@ -196,10 +191,9 @@ class WasmtimeEngine:
                 wasi.stdin_file = stdin_file.name
             elif request.inherit_stdio:
                 wasi.inherit_stdin()
-            for entry in flow.allow.dirs:
-                host_path, guest_path, *ro = entry.split(":")
+            for entry, grant in zip(flow.allow.dirs, flow.allow.dir_grants):
                 try:
-                    wasi.preopen_dir(host_path, guest_path, fs_mutable=not ro)
+                    wasi.preopen_dir(grant.host, grant.guest, fs_mutable=not grant.read_only)
                 except wasmtime.WasmtimeError as exc:
                     result.status = Status.INVALID
                     result.error = f"flow {flow.name!r}: allow.dirs entry {entry!r} cannot be opened: {_first_line(exc)}"
@@ -246,10 +240,9 @@ class WasmtimeEngine:
             if result.status is Status.TIMEOUT:
                 result.error = f"deadline of {ctx.flow.limits.timeout:g}s passed"
         except wasmtime.WasmtimeError as exc:
-            # Instantiation failures (a memory minimum over the cap, a start function trap) land here.
+            # Instantiation failures (a start function trap) land here; minimums over the caps never get
+            # this far (`over_caps` in `run`), and memory the guest ends with is judged by classify_failure.
             result.status, result.error = Status.TRAP, _first_line(exc)
-            if instance is None and "memory" in str(exc) and ("limit" in str(exc) or "grow" in str(exc)):
-                result.status = Status.OOM
         finally:
             _current.run = None
             self.host.close_run(ctx)

@@ -8,10 +8,11 @@ error instead of a silently ignored setting.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from datetime import datetime
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, NamedTuple, Optional, Union
 from zoneinfo import ZoneInfo
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -274,10 +275,26 @@ def _check_http(value: str) -> str:
     return value
 
 
+class DirGrant(NamedTuple):
+    """One `allow.dirs` entry, `host_path:guest_path[:ro]`: the host directory preopened at `guest`."""
+
+    host: str
+    guest: str
+    read_only: bool
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def parse(value: str) -> "DirGrant":
+        """The one parser of the entry form (validation at load and every engine use it); ValueError if
+        malformed. Cached: engines ask for a flow's grants on every run."""
+        parts = value.split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (len(parts) == 3 and parts[2] != "ro"):
+            raise ValueError(f"expected host_path:guest_path[:ro], got {value!r}")
+        return DirGrant(parts[0], parts[1], len(parts) == 3)
+
+
 def _check_dir(value: str) -> str:
-    parts = value.split(":")
-    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (len(parts) == 3 and parts[2] != "ro"):
-        raise ValueError(f"expected host_path:guest_path[:ro], got {value!r}")
+    DirGrant.parse(value)
     return value
 
 
@@ -429,6 +446,11 @@ class Allow(Strict):
     github_repos: list[str] = []  # more repositories (owner/name globs) than the event's own
     dirs: list[Annotated[str, AfterValidator(_check_dir)]] = []  # "host_path:guest_path[:ro]"
     nn: NnAllow = NnAllow()
+
+    @property
+    def dir_grants(self) -> list[DirGrant]:
+        """`dirs` parsed (validated at load): what engines preopen and WASI-NN maps guest paths through."""
+        return [DirGrant.parse(d) for d in self.dirs]
 
 
 class LlmEndpoint(Strict):

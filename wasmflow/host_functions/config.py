@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from .spec import Call, Capability, Code, HostError, HostFunction, i32s, read_str, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, read_str, write_result
 
 
 def config_value_text(value: Any) -> str:
@@ -43,8 +43,8 @@ class ConfigCapability(Capability):
 
     def functions(self) -> list[HostFunction]:
         return [
-            HostFunction("wasmflow", "config_get", i32s(3), ("i32",), self.config_get),
-            HostFunction("wasmflow", "secret_get", i32s(3), ("i32",), self.secret_get),
+            HostFunction("wasmflow", "config_get", "ptr len ptr", ("i32",), self.config_get),
+            HostFunction("wasmflow", "secret_get", "ptr len ptr", ("i32",), self.secret_get),
         ]
 
     def config_get(self, call: Call, key_ptr: int, key_len: int, out: int) -> int:

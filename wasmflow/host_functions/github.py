@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, check_range, i32s, read_json, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, check_range, read_json, write_result
 
 log = logging.getLogger("wasmflow.github")
 
@@ -257,6 +257,26 @@ class GithubResponse:
     text: str
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a failed request ran out of time, by the exception's type: requests' `Timeout`, or the
+    urllib3 or socket timeout it carries (a body read that times out arrives as requests'
+    `ConnectionError` wrapping urllib3's `ReadTimeoutError`). urllib3's `NewConnectionError` (refused,
+    unreachable) derives from its `ConnectTimeoutError` for history's sake and is not a timeout."""
+    import requests
+    import urllib3
+
+    seen: Optional[BaseException] = exc
+    for _ in range(8):  # the chain of causes and wrapped exceptions, bounded
+        if seen is None or isinstance(seen, urllib3.exceptions.NewConnectionError):
+            return False
+        if isinstance(seen, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+            return True
+        reason = getattr(seen, "reason", None)  # urllib3's MaxRetryError
+        wrapped = next((a for a in (*seen.args, reason) if isinstance(a, BaseException)), None)
+        seen = wrapped or seen.__cause__ or seen.__context__
+    return False
+
+
 class GithubApp:
     """Process-wide GitHub App client: JWTs, installation tokens (cached), the bot's login, requests.
 
@@ -342,6 +362,7 @@ class GithubApp:
     # -- requests -----------------------------------------------------------------------------------
 
     def _requester(self, timeout: float) -> Any:
+        """PyGithub's Requester (requests underneath: `is_timeout` knows what it raises)."""
         from github import Github
 
         gh = Github(base_url=self.api_url, timeout=max(1, int(timeout)), retry=0, user_agent="wasmflow",
@@ -373,8 +394,7 @@ class GithubApp:
             except HostError:
                 raise
             except Exception as exc:
-                timed_out = "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower()
-                if timed_out and deadline - time.monotonic() <= 0:
+                if is_timeout(exc) and deadline - time.monotonic() <= 0:
                     raise HostError(Code.TIMEOUT, f"GitHub {method} {url}: the run's deadline passed") from None
                 raise HostError(Code.UPSTREAM, f"GitHub {method} {url}: {exc}") from None
             finally:
@@ -499,8 +519,8 @@ class GithubCapability(Capability):
 
     def functions(self) -> list[HostFunction]:
         return [
-            HostFunction("wasmflow", "github_request", i32s(5), ("i32",), self.github_request),
-            HostFunction("wasmflow", "github_info", i32s(1), ("i32",), self.github_info),
+            HostFunction("wasmflow", "github_request", "ptr len ptr len ptr", ("i32",), self.github_request),
+            HostFunction("wasmflow", "github_info", "ptr", ("i32",), self.github_info),
         ]
 
     def _state(self, run: RunContext) -> "_RunGithub":
@@ -657,7 +677,7 @@ class GithubCapability(Capability):
         if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
             raise HostError(Code.INVALID, f"max_pages must be a whole number from 1 (at most {MAX_PAGES} are fetched)")
         query = _query_pairs({} if spec.get("query") is None else spec["query"])
-        if (body_len & 0xFFFFFFFF) > MAX_BODY:
+        if body_len > MAX_BODY:
             raise HostError(Code.TOO_LARGE, "request body over 8 MiB")
         body: Any = None
         if body_len:
@@ -694,7 +714,8 @@ class GithubCapability(Capability):
 
     def _same_api(self, url: str) -> tuple[str, list[tuple[str, str]]]:
         """A `Link` URL as a path under the API root and its query; a link to another host is refused."""
-        assert self.app is not None
+        if self.app is None:  # github_request refuses the call before
+            raise HostError(Code.INTERNAL, "no GitHub App configured")
         base = urllib.parse.urlsplit(self.app.api_url)
         target = urllib.parse.urlsplit(url)
         if (target.scheme, target.netloc) != (base.scheme, base.netloc):
@@ -708,7 +729,8 @@ class GithubCapability(Capability):
     def _send(self, call: Call, method: str, url: str, accept: str, body: Any) -> GithubResponse:
         run = call.run
         state = self._state(run)
-        assert self.app is not None and state.installation_id is not None
+        if self.app is None or state.installation_id is None:  # github_request refuses the call before
+            raise HostError(Code.INTERNAL, "no GitHub App configured, or no installation id in the event")
         if state.calls >= MAX_REQUESTS:
             raise HostError(Code.LIMIT, f"more than {MAX_REQUESTS} GitHub requests in one run")
 

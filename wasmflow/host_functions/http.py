@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from . import validate
 from .http_allow import HttpAllowList
-from .spec import Call, Capability, Code, HostError, HostFunction, check_range, i32s
+from .spec import Call, Capability, Code, HostError, HostFunction, check_range
 from .validate import GuestRequest
 
 MAX_BODY = 8 * 1024 * 1024  # request and response bodies
@@ -159,7 +159,7 @@ class HttpCapability(Capability):
         self._loop = _Loop()
 
     def functions(self) -> list[HostFunction]:
-        return [HostFunction("wasmflow", "http_request", i32s(5), ("i32",), self.http_request)]
+        return [HostFunction("wasmflow", "http_request", "ptr len ptr len ptr", ("i32",), self.http_request)]
 
     def close(self) -> None:
         self._loop.close()
@@ -178,7 +178,7 @@ class HttpCapability(Capability):
         url = state["allow"].connect_url(request.url)
         if url is None:
             raise run.deny(f"{request.url} is not in allow.http")
-        if (body_len & 0xFFFFFFFF) > MAX_BODY:
+        if body_len > MAX_BODY:
             raise HostError(Code.TOO_LARGE, f"request body over {MAX_BODY // 1024**2} MiB")
         body = call.memory.read(body_ptr, body_len) if body_len else None
         if state["count"] >= MAX_REQUESTS:
@@ -216,7 +216,8 @@ class HttpCapability(Capability):
     async def _follow(self, allow: HttpAllowList, request: HttpRequestSpec, url: str,
                       body: Optional[bytes]) -> tuple[int, dict[str, str], bytes]:
         session = self._loop.session
-        assert session is not None
+        if session is None:  # the client was closed (the process is shutting down)
+            raise HostError(Code.INTERNAL, "the HTTP client is closed; the platform is shutting down")
         method, headers = request.method, dict(request.headers)
         for _ in range(MAX_REDIRECTS + 1):
             async with session.request(method, yarl.URL(url, encoded=True), data=body, headers=headers,

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from wasmflow.platform.db import kv_table
 
-from .spec import Call, Capability, Code, HostError, HostFunction, check_range, i32s, read_str, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, check_range, read_str, write_result
 
 MAX_KEY = 512
 MAX_VALUE = 1024 * 1024
@@ -155,18 +155,18 @@ class KeyValueCapability(Capability):
 
     def functions(self) -> list[HostFunction]:
         return [
-            HostFunction("wasmflow", "kv_get", i32s(3), ("i32",), self.kv_get),
-            HostFunction("wasmflow", "kv_set", i32s(4), ("i32",), self.kv_set),
-            HostFunction("wasmflow", "kv_delete", i32s(2), ("i32",), self.kv_delete),
-            HostFunction("wasmflow", "kv_keys", i32s(3), ("i32",), self.kv_keys),
-            HostFunction("wasmflow", "kv_increment", ("i32", "i32", "i64", "i32"), ("i32",), self.kv_increment),
-            HostFunction("wasmflow", "kv_cas", i32s(7), ("i32",), self.kv_cas),
+            HostFunction("wasmflow", "kv_get", "ptr len ptr", ("i32",), self.kv_get),
+            HostFunction("wasmflow", "kv_set", "ptr len ptr len", ("i32",), self.kv_set),
+            HostFunction("wasmflow", "kv_delete", "ptr len", ("i32",), self.kv_delete),
+            HostFunction("wasmflow", "kv_keys", "ptr len ptr", ("i32",), self.kv_keys),
+            HostFunction("wasmflow", "kv_increment", "ptr len i64 ptr", ("i32",), self.kv_increment),
+            HostFunction("wasmflow", "kv_cas", "ptr len ptr len ptr len ptr", ("i32",), self.kv_cas),
         ]
 
     def _key(self, call: Call, ptr: int, length: int) -> str:
         if not call.run.flow.allow.kv:
             raise call.run.deny("key-value storage is not allowed (set allow.kv: true)")
-        if (length & 0xFFFFFFFF) > MAX_KEY:
+        if length > MAX_KEY:
             raise HostError(Code.TOO_LARGE, f"key over {MAX_KEY} bytes")
         key = read_str(call.memory, ptr, length)
         if "\0" in key:  # PostgreSQL cannot store it in text; refused on SQLite too, so both agree
@@ -174,7 +174,7 @@ class KeyValueCapability(Capability):
         return key
 
     def _value(self, call: Call, ptr: int, length: int) -> bytes:
-        if (length & 0xFFFFFFFF) > MAX_VALUE:
+        if length > MAX_VALUE:
             raise HostError(Code.TOO_LARGE, f"value over {MAX_VALUE} bytes")
         return call.memory.read(ptr, length)
 
@@ -215,7 +215,7 @@ class KeyValueCapability(Capability):
         """Set the key to the value if it holds exactly the expected bytes (length u32::MAX: if absent);
         writes a u32 at out: 1 if it was set, 0 if not."""
         key = self._key(call, key_ptr, key_len)
-        expected = None if (exp_len & 0xFFFFFFFF) == ABSENT else self._value(call, exp_ptr, exp_len)
+        expected = None if exp_len == ABSENT else self._value(call, exp_ptr, exp_len)
         value = self._value(call, val_ptr, val_len)
         check_range(call.memory.size(), out, 4)
         swapped = self.store.compare_and_set(call.run.flow.name, key, expected, value)

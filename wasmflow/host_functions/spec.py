@@ -9,6 +9,7 @@ and a new capability touches one place.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import struct
@@ -79,19 +80,54 @@ class GuestMemory(Protocol):
 
 
 def check_range(mem_size: int, ptr: int, length: int, code: int = Code.BAD_POINTER) -> None:
-    """Shared bounds check: pointers come in as (possibly negative) i32s and are read as u32."""
-    ptr &= 0xFFFFFFFF
-    length &= 0xFFFFFFFF
-    if ptr + length > mem_size:
+    """Shared bounds check. Arguments reach bodies as u32 (`invoke` converts them); a negative value
+    can only be a host bug, and is refused rather than read as an address."""
+    if ptr < 0 or length < 0 or ptr + length > mem_size:
         raise HostError(code, f"range {ptr}+{length} outside guest memory of {mem_size} bytes")
 
 
-def read_u32(mem: GuestMemory, ptr: int) -> int:
-    return struct.unpack("<I", mem.read(ptr, 4))[0]
+class BoundedMemory:
+    """The bounds rule of every `GuestMemory`, written once.
 
+    Engines (and WASI-NN, which answers its own error codes) subclass it and supply only `size()` and the
+    raw, unchecked `_load`/`_store`; `_oob` says what an out-of-bounds access raises.
+    """
 
-def write_u32(mem: GuestMemory, ptr: int, value: int) -> None:
-    mem.write(ptr, struct.pack("<I", value & 0xFFFFFFFF))
+    __slots__ = ()
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def _load(self, ptr: int, length: int) -> bytes:
+        """Bytes at [ptr, ptr+length), already checked to lie inside memory; length > 0."""
+        raise NotImplementedError
+
+    def _store(self, ptr: int, data: bytes) -> None:
+        """Write non-empty data at ptr, already checked to fit."""
+        raise NotImplementedError
+
+    def _oob(self, ptr: int, length: int) -> Exception:
+        return HostError(Code.BAD_POINTER, f"range {ptr}+{length} outside guest memory of {self.size()} bytes")
+
+    def fits(self, ptr: int, length: int) -> bool:
+        return ptr >= 0 and length >= 0 and ptr + length <= self.size()
+
+    def read(self, ptr: int, length: int) -> bytes:
+        if not self.fits(ptr, length):
+            raise self._oob(ptr, length)
+        return self._load(ptr, length) if length else b""
+
+    def write(self, ptr: int, data: bytes) -> None:
+        if not self.fits(ptr, len(data)):
+            raise self._oob(ptr, len(data))
+        if data:
+            self._store(ptr, data)
+
+    def u32(self, ptr: int) -> int:
+        return int.from_bytes(self.read(ptr, 4), "little")
+
+    def put_u32(self, ptr: int, value: int) -> None:
+        self.write(ptr, value.to_bytes(4, "little"))
 
 
 def read_str(mem: GuestMemory, ptr: int, length: int) -> str:
@@ -110,18 +146,44 @@ def read_json(mem: GuestMemory, ptr: int, length: int) -> Any:
         raise HostError(Code.INVALID, "argument is JSON nested too deeply") from None
 
 
-# Signature shorthand: every wasmflow and WASI-NN function takes and returns i32s.
+# Signature shorthand for n signed i32 parameters (the raw wasm type, no conversion to u32).
 def i32s(n: int) -> tuple[str, ...]:
     return ("i32",) * n
+
+
+# Parameter kinds a host function declares: kind -> (wasm type, how `invoke` converts the engine's raw
+# integer). wasmtime-py passes signed values and WasmEdge the raw bits; each conversion accepts both.
+ARG_KINDS: dict[str, tuple[str, str]] = {
+    "ptr": ("i32", "({0} & 0xFFFFFFFF)"),  # an address in guest memory
+    "len": ("i32", "({0} & 0xFFFFFFFF)"),  # a byte count
+    "u32": ("i32", "({0} & 0xFFFFFFFF)"),  # a handle, an index, an enum value
+    "i32": ("i32", "((({0} + 0x80000000) & 0xFFFFFFFF) - 0x80000000)"),  # signed: a log level, an HTTP status
+    "i64": ("i64", "((({0} + 0x8000000000000000) & 0xFFFFFFFFFFFFFFFF) - 0x8000000000000000)"),  # kv_increment's delta
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _caller(kinds: tuple[str, ...]) -> Callable[..., int]:
+    """`apply(body, call, args)` for one signature: calls body(call, *converted args), compiled once into
+    a single call expression. It runs on every host call, where converting in a loop would cost several
+    times more than the call itself."""
+    names = [f"a{i}" for i in range(len(kinds))]
+    unpack = f"    {', '.join(names)}, = args\n" if names else ""
+    values = "".join(", " + ARG_KINDS[k][1].format(n) for k, n in zip(kinds, names))
+    namespace: dict[str, Any] = {}
+    exec(f"def apply(body, call, args):\n{unpack}    return body(call{values})\n", namespace)  # noqa: S102
+    return namespace["apply"]
 
 
 @dataclass(frozen=True)
 class HostFunction:
     """One import a guest may call.
 
-    `body(call, *args)` receives a `Call` and the raw integer arguments, and returns an int (the error
-    code) or raises HostError. Any other exception is turned into INTERNAL by the adapter and logged,
-    so nothing a guest does can raise through the engine.
+    `params` declares each parameter's kind (`ARG_KINDS`), as a tuple or a space-separated string such
+    as "ptr len ptr"; `invoke` converts the engine's raw integers once, so bodies get unsigned pointers,
+    lengths and handles and never mask. `body(call, *args)` receives a `Call` and the converted
+    arguments, and returns an int (the error code) or raises HostError. Any other exception is turned
+    into INTERNAL by the adapter and logged, so nothing a guest does can raise through the engine.
     """
 
     module: str
@@ -129,28 +191,43 @@ class HostFunction:
     params: tuple[str, ...]
     results: tuple[str, ...]
     body: Callable[..., int]
+    wasm_params: tuple[str, ...] = field(init=False, repr=False, compare=False)  # what engines declare
+    apply: Callable[..., int] = field(init=False, repr=False, compare=False)  # (body, call, raw args) -> code
+
+    def __post_init__(self) -> None:
+        kinds = tuple(self.params.split()) if isinstance(self.params, str) else tuple(self.params)
+        unknown = [k for k in kinds if k not in ARG_KINDS]
+        if unknown:
+            raise ValueError(f"{self.module}::{self.name}: unknown parameter kind {unknown[0]!r} "
+                             f"(one of {', '.join(ARG_KINDS)})")
+        object.__setattr__(self, "params", kinds)
+        object.__setattr__(self, "wasm_params", tuple(ARG_KINDS[k][0] for k in kinds))
+        object.__setattr__(self, "apply", _caller(kinds))
 
 
 def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]") -> int:
     """Run a host function body for an engine adapter: every failure becomes a code, never an exception,
     except `Halt` when the call ended the run (`RunContext.halt`).
 
+    The raw arguments are converted here, once, to the kinds the function declares (`ARG_KINDS`).
     Both engines call this, so they agree on what a refusal is: a bad pointer counts as a denial (the run
     ends `denied` if the guest then fails), and an UPSTREAM or TIMEOUT answer is remembered so that a run
     failing because a remote service failed is retried as `upstream`, not filed as a bug in the guest.
     """
     run = call.run
     try:
-        code = int(fn.body(call, *args))
+        code = int(fn.apply(fn.body, call, args))
     except HostError as err:
         if err.code == Code.BAD_POINTER:
             run.denials.append(f"{fn.module}::{fn.name}: {err.message}")
         elif err.code in (Code.UPSTREAM, Code.TIMEOUT) and run.halted is None:
             run.upstream_failures.append(f"{fn.module}::{fn.name}: {err.message}")
         code = err.code
+        run.record_error(fn, code, err.message)
     except Exception:  # a bug of ours must not unwind through the engine
         _log.exception("host function %s::%s failed in run %s", fn.module, fn.name, run.run_id)
         code = int(Code.INTERNAL)
+        run.record_error(fn, code, f"internal host error; the host logged it with run id {run.run_id}")
     if run.halted is not None:
         raise Halt(*run.halted)
     return code
@@ -165,6 +242,7 @@ class Call:
 
 
 MAX_RESULTS = 64
+MAX_ERROR_MESSAGE = 4096  # bytes of the last failed call's message kept for `last_error`
 MAX_NOTES = 20  # host-written lines (why a call failed) per run: a guest repeating a bad call cannot fill the log
 
 
@@ -186,6 +264,9 @@ class RunContext:
     state: dict[str, Any] = field(default_factory=dict)
     logs: list[tuple[float, str, str]] = field(default_factory=list)
     output: bytes | None = None
+    # Where host-side writes into the guest's stdout go (WASI-NN stream-stdout), in order with the
+    # guest's own writes: set by both engines for every run; None (no engine) means nowhere.
+    stdout: Callable[[bytes], Any] | None = None
     response_status: int | None = None
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     response_body: bytes | None = None
@@ -193,6 +274,7 @@ class RunContext:
     upstream_failures: list[str] = field(default_factory=list)  # calls that failed beyond the guest
     halted: tuple[str, str] | None = None  # (status, reason) once a host-enforced limit ended the run
     truncated: dict[str, int] = field(default_factory=dict)  # output kind -> items cut or refused at a cap
+    last_error: bytes | None = None  # "module::name: message" of the most recent failed call (`last_error`)
     _results: dict[int, bytes] = field(default_factory=dict)
     _next_handle: int = 1
     _notes: int = 0
@@ -201,13 +283,27 @@ class RunContext:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
+    def record_error(self, fn: "HostFunction", code: int, message: str) -> None:
+        """Keep why a call failed so the guest can read it with `last_error` (a code alone says too little).
+
+        Bounded to MAX_ERROR_MESSAGE bytes, cut on a character boundary; each failure replaces the last.
+        """
+        if not message:
+            known = fn.module == "wasmflow" and code in set(Code)
+            message = Code(code).name if known else f"error code {code}"
+        data = f"{fn.module}::{fn.name}: {message}".encode("utf-8")
+        if len(data) > MAX_ERROR_MESSAGE:
+            data = data[:MAX_ERROR_MESSAGE].decode("utf-8", errors="ignore").encode("utf-8")
+        self.last_error = data
+
     def deny(self, reason: str) -> HostError:
         """Record a refusal (it decides the run's status if the guest then fails) and return the error."""
         self.denials.append(reason)
         return HostError(Code.DENIED, reason)
 
     def note(self, message: str, level: str = "warn") -> None:
-        """Log a host-side line into the run, e.g. why a call was refused (the guest only gets a code).
+        """Log a host-side line into the run, e.g. why a call was refused (the guest gets the code, and the
+        message through `last_error`).
 
         At most MAX_NOTES per run, then one line saying the rest were dropped.
         """

@@ -3,8 +3,8 @@
 Twelve functions with WasmEdge's signatures and numbering (`abi.py`). What this module adds to the back
 ends is the sandbox: every guest pointer is bounds-checked (a bad one is invalid_argument, as in
 WasmEdge, and is recorded as a denial), graph and context handles are per run (counting up from 0), a
-run may use only the models in its flow's `allow.models`, and outputs follow the buffer rule of the
-reference: a non-zero maximum is honoured (too_large, nothing copied, the needed size written); a
+run may use only the models in its flow's `allow.models`, and outputs follow WasmEdge's buffer rule
+(docs/wasi-nn.md): a non-zero maximum is honoured (too_large, nothing copied, the needed size written); a
 maximum of 0 (what LlamaEdge passes) gets the whole output if it fits in the guest's memory.
 
 A model outside `allow.models` answers not_found, the same as a model that does not exist, and records a
@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from wasmflow.host_functions.spec import Call, Capability, HostError, HostFunction, RunContext, i32s
+from wasmflow.host_functions.spec import BoundedMemory, Call, Capability, HostError, HostFunction, RunContext
 
 from .abi import (
     BUILDER_STRUCT,
@@ -70,8 +70,11 @@ class NNRunState:
     by_name: dict[str, int] = field(default_factory=dict)
 
 
-class _Mem:
-    """Guest memory accessors that turn out-of-bounds access into WASI-NN's invalid_argument."""
+class _Mem(BoundedMemory):
+    """The call's guest memory with WASI-NN's error: an out-of-bounds access is invalid_argument (and a
+    denial), not BAD_POINTER. The bounds rule is BoundedMemory's."""
+
+    __slots__ = ("mem", "run", "fn", "_size")
 
     def __init__(self, call: Call, fn: str) -> None:
         self.mem = call.memory
@@ -86,34 +89,21 @@ class _Mem:
         return self._size
 
     def _oob(self, ptr: int, length: int) -> NNFailure:
-        reason = f"wasi_ephemeral_nn::{self.fn}: range {ptr & 0xFFFFFFFF}+{length & 0xFFFFFFFF} outside guest memory of {self.size()} bytes"
+        reason = f"wasi_ephemeral_nn::{self.fn}: range {ptr}+{length} outside guest memory of {self.size()} bytes"
         self.run.denials.append(reason)
         return NNFailure(NNError.INVALID_ARGUMENT, reason)
 
-    def fits(self, ptr: int, length: int) -> bool:
-        return (ptr & 0xFFFFFFFF) + (length & 0xFFFFFFFF) <= self.size()
-
-    def read(self, ptr: int, length: int) -> bytes:
-        if not self.fits(ptr, length):
-            raise self._oob(ptr, length)
+    def _load(self, ptr: int, length: int) -> bytes:
         try:
-            return self.mem.read(ptr & 0xFFFFFFFF, length & 0xFFFFFFFF)
+            return self.mem.read(ptr, length)
         except HostError:
             raise self._oob(ptr, length) from None
 
-    def write(self, ptr: int, data: bytes) -> None:
-        if not self.fits(ptr, len(data)):
-            raise self._oob(ptr, len(data))
+    def _store(self, ptr: int, data: bytes) -> None:
         try:
-            self.mem.write(ptr & 0xFFFFFFFF, data)
+            self.mem.write(ptr, data)
         except HostError:
             raise self._oob(ptr, len(data)) from None
-
-    def u32(self, ptr: int) -> int:
-        return int.from_bytes(self.read(ptr, 4), "little")
-
-    def put_u32(self, ptr: int, value: int) -> None:
-        self.write(ptr, (value & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
 def _nn(fn_name: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -172,20 +162,20 @@ class WasiNNCapability(Capability):
 
     def functions(self) -> list[HostFunction]:
         table = [
-            ("load", 5, self.load),
-            ("load_by_name", 3, self.load_by_name),
-            ("load_by_name_with_config", 5, self.load_by_name_with_config),
-            ("init_execution_context", 2, self.init_execution_context),
-            ("set_input", 3, self.set_input),
-            ("compute", 1, self.compute),
-            ("get_output", 5, self.get_output),
-            ("compute_single", 1, self.compute_single),
-            ("get_output_single", 5, self.get_output_single),
-            ("fini_single", 1, self.fini_single),
-            ("unload", 1, self.unload),
-            ("finalize_execution_context", 1, self.finalize_execution_context),
+            ("load", "ptr u32 u32 u32 ptr", self.load),
+            ("load_by_name", "ptr len ptr", self.load_by_name),
+            ("load_by_name_with_config", "ptr len ptr len ptr", self.load_by_name_with_config),
+            ("init_execution_context", "u32 ptr", self.init_execution_context),
+            ("set_input", "u32 u32 ptr", self.set_input),
+            ("compute", "u32", self.compute),
+            ("get_output", "u32 u32 ptr len ptr", self.get_output),
+            ("compute_single", "u32", self.compute_single),
+            ("get_output_single", "u32 u32 ptr len ptr", self.get_output_single),
+            ("fini_single", "u32", self.fini_single),
+            ("unload", "u32", self.unload),
+            ("finalize_execution_context", "u32", self.finalize_execution_context),
         ]
-        return [HostFunction(MODULE, name, i32s(n), ("i32",), body) for name, n, body in table]
+        return [HostFunction(MODULE, name, kinds, ("i32",), body) for name, kinds, body in table]
 
     def open_run(self, run: RunContext) -> None:
         run.state[self.name] = NNRunState()
@@ -237,17 +227,15 @@ class WasiNNCapability(Capability):
 
     def _graph(self, run: RunContext, graph: int) -> GraphHandle:
         state = self._state(run)
-        g = graph & 0xFFFFFFFF
-        if g >= len(state.graphs) or state.graphs[g] is None:
-            raise NNFailure(NNError.INVALID_ARGUMENT, f"no graph {g}")
-        return state.graphs[g]  # type: ignore[return-value]
+        if graph >= len(state.graphs) or state.graphs[graph] is None:
+            raise NNFailure(NNError.INVALID_ARGUMENT, f"no graph {graph}")
+        return state.graphs[graph]  # type: ignore[return-value]
 
     def _ctx(self, run: RunContext, ctx: int) -> Any:
         state = self._state(run)
-        c = ctx & 0xFFFFFFFF
-        if c >= len(state.contexts) or state.contexts[c] is None:
-            raise NNFailure(NNError.INVALID_ARGUMENT, f"no execution context {c}")
-        return state.contexts[c]
+        if ctx >= len(state.contexts) or state.contexts[ctx] is None:
+            raise NNFailure(NNError.INVALID_ARGUMENT, f"no execution context {ctx}")
+        return state.contexts[ctx]
 
     def _named_graph(self, run: RunContext, name: str, config: Optional[bytes]) -> int:
         state = self._state(run)
@@ -258,7 +246,7 @@ class WasiNNCapability(Capability):
         model = self.registry.model(name)
         params = None
         if entry.encoding == Encoding.GGML:
-            from .ggml_backend import parse_metadata_bytes
+            from .ggml_params import parse_metadata_bytes
 
             params = model.base
             if config:
@@ -293,9 +281,8 @@ class WasiNNCapability(Capability):
         """(host path, host root) for a path the guest can name through its preopened dirs, else None.
         The path is resolved (symlinks, `..`) and must stay inside the directory it starts in."""
         allow = getattr(run.flow, "allow", None)
-        for item in getattr(allow, "dirs", []) or []:
-            host, guest, *_ = item.split(":")
-            guest = guest.rstrip("/") or "/"
+        for grant in getattr(allow, "dir_grants", None) or []:
+            host, guest = grant.host, grant.guest.rstrip("/") or "/"
             if guest_path == guest or guest_path.startswith(guest.rstrip("/") + "/"):
                 rel = guest_path[len(guest):].lstrip("/")
                 root = os.path.realpath(host)
@@ -334,13 +321,12 @@ class WasiNNCapability(Capability):
             os.close(fd)
 
     def _stdout_writer(self, run: RunContext) -> Callable[[bytes], None]:
-        """stream-stdout prints into the guest's stdout: the engine's writer when it offers one
-        (`run.state["_stdout"]`, a callable taking bytes), else the writer this capability was built
-        with (`wasmflow exec`: the process's stdout), else nowhere: a server's own stdout is not the
-        guest's, and the text is in output 0 anyway."""
-        writer = run.state.get("_stdout")
-        if callable(writer):
-            return writer
+        """stream-stdout prints into the guest's stdout: the run's writer (`RunContext.stdout`, which
+        both engines set), else the writer this capability was built with (bodies driven without an
+        engine), else nowhere: a server's own stdout is not the guest's, and the text is in output 0
+        anyway."""
+        if run.stdout is not None:
+            return run.stdout
         if self.stdout is not None:
             return self.stdout
         return lambda data: None
@@ -354,7 +340,6 @@ class WasiNNCapability(Capability):
         return Tensor(dims, tensor_type_word(type_word), mem.read(data_ptr, data_len))
 
     def _write_output(self, mem: _Mem, data: bytes, buf_ptr: int, buf_max: int, written_ptr: int) -> int:
-        buf_max &= 0xFFFFFFFF
         if not mem.fits(written_ptr, 4):
             raise mem._oob(written_ptr, 4)
         if buf_max and len(data) > buf_max:
@@ -373,7 +358,6 @@ class WasiNNCapability(Capability):
 
     @_nn("load")
     def load(self, mem: _Mem, run: RunContext, builders_ptr: int, count: int, encoding: int, target: int, out_graph: int) -> int:
-        count &= 0xFFFFFFFF
         if count == 0 or count > MAX_BUILDERS:
             raise NNFailure(NNError.INVALID_ARGUMENT, f"{count} graph builders (1..{MAX_BUILDERS})")
         if not mem.fits(out_graph, 4):
@@ -384,11 +368,11 @@ class WasiNNCapability(Capability):
             if not mem.fits(ptr, length):
                 raise mem._oob(ptr, length)
         try:
-            enc = Encoding(encoding & 0xFFFFFFFF)
+            enc = Encoding(encoding)
         except ValueError:
             raise NNFailure(NNError.INVALID_ENCODING, f"unknown encoding {encoding}") from None
         try:
-            tgt = Target(target & 0xFFFFFFFF)
+            tgt = Target(target)
         except ValueError:
             raise NNFailure(NNError.INVALID_ARGUMENT, f"unknown target {target}") from None
         if tgt == Target.AUTO:
@@ -425,7 +409,7 @@ class WasiNNCapability(Capability):
         return length < REFERENCE_MAX and self._onnx_path(head) is not None
 
     def _load_ggml(self, run: RunContext, builders: list[bytes], target: Target) -> int:
-        from .ggml_backend import parse_metadata_bytes
+        from .ggml_params import parse_metadata_bytes
 
         config = builders[1] if len(builders) > 1 else None
         weights = builders[0]
@@ -516,9 +500,9 @@ class WasiNNCapability(Capability):
         c = self._ctx(run, ctx)
         tensor = self._read_tensor(mem, tensor_ptr)
         if hasattr(c, "prompt"):  # GGML: type and dims are ignored
-            c.set_input(index & 0xFFFFFFFF, tensor.data)
+            c.set_input(index, tensor.data)
         else:
-            c.set_input(index & 0xFFFFFFFF, tensor)
+            c.set_input(index, tensor)
         return NNError.SUCCESS
 
     @_nn("compute")
@@ -527,7 +511,7 @@ class WasiNNCapability(Capability):
 
     @_nn("get_output")
     def get_output(self, mem: _Mem, run: RunContext, ctx: int, index: int, buf_ptr: int, buf_max: int, written_ptr: int) -> int:
-        data = self._ctx(run, ctx).get_output(index & 0xFFFFFFFF)
+        data = self._ctx(run, ctx).get_output(index)
         return self._write_output(mem, data, buf_ptr, buf_max, written_ptr)
 
     @_nn("compute_single")
@@ -542,7 +526,7 @@ class WasiNNCapability(Capability):
         c = self._ctx(run, ctx)
         if not hasattr(c, "get_output_single"):
             raise NNFailure(NNError.UNSUPPORTED_OPERATION, "get_output_single is for GGML graphs")
-        return self._write_output(mem, c.get_output_single(index & 0xFFFFFFFF), buf_ptr, buf_max, written_ptr)
+        return self._write_output(mem, c.get_output_single(index), buf_ptr, buf_max, written_ptr)
 
     @_nn("fini_single")
     def fini_single(self, mem: _Mem, run: RunContext, ctx: int) -> int:
@@ -557,9 +541,9 @@ class WasiNNCapability(Capability):
         """Drop the run's handle; the model itself stays loaded for other runs (loaded once per process)."""
         g = self._graph(run, graph)
         state = self._state(run)
-        state.graphs[graph & 0xFFFFFFFF] = None
+        state.graphs[graph] = None
         for name, gid in list(state.by_name.items()):
-            if gid == graph & 0xFFFFFFFF:
+            if gid == graph:
                 del state.by_name[name]
         del g
         return NNError.SUCCESS
@@ -568,7 +552,7 @@ class WasiNNCapability(Capability):
     def finalize_execution_context(self, mem: _Mem, run: RunContext, ctx: int) -> int:
         c = self._ctx(run, ctx)
         c.close()
-        self._state(run).contexts[ctx & 0xFFFFFFFF] = None
+        self._state(run).contexts[ctx] = None
         return NNError.SUCCESS
 
 
