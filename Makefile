@@ -7,8 +7,10 @@ setup:
 demo: setup
 	.venv/bin/python -m wasmflow.devtools.demo
 
+# PostgreSQL (started by scripts/start-postgres.sh unless WASMFLOW_TEST_POSTGRES_URL is set) and WasmEdge
+# (/opt/wasmedge/lib or ~/.wasmedge/lib) are used where present; see scripts/run-tests.sh.
 test: setup
-	.venv/bin/pytest -q -ra
+	bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 bench: setup
 	.venv/bin/python bench/run_overhead.py

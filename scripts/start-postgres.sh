@@ -11,8 +11,19 @@ DB_NAME=${WASMFLOW_PG_DB:-wasmflow_test}
 PORT=${WASMFLOW_PG_PORT:-5432}
 
 say() { echo "$@" >&2; }
+URL="postgresql://$USER_NAME:$PASSWORD@127.0.0.1:$PORT/$DB_NAME"
+
+# Already running with the role and database (a second `make test`, or a non-root user after a root set-up).
+if command -v psql >/dev/null 2>&1 && psql "$URL" -tAc 'select 1' >/dev/null 2>&1; then
+  echo "$URL"
+  exit 0
+fi
 
 if ! command -v pg_lsclusters >/dev/null 2>&1 || [ -z "$(ls /usr/lib/postgresql 2>/dev/null)" ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    say "error: PostgreSQL is not installed and this is not a Debian machine (no apt-get) to install it on"
+    exit 1
+  fi
   if [ "$(id -u)" -ne 0 ]; then
     say "error: PostgreSQL is not installed and installing it needs root (apt-get install postgresql)"
     exit 1
@@ -20,6 +31,11 @@ if ! command -v pg_lsclusters >/dev/null 2>&1 || [ -z "$(ls /usr/lib/postgresql 
   say "==> apt-get install postgresql"
   apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  say "error: PostgreSQL is installed but $URL does not answer, and starting it needs root"
+  exit 1
 fi
 
 VERSION=$(ls /usr/lib/postgresql | sort -V | tail -n1)
@@ -49,4 +65,4 @@ if [ -z "$(psql_admin "select 1 from pg_database where datname='$DB_NAME'")" ]; 
   psql_admin "create database $DB_NAME owner $USER_NAME" >&2
 fi
 
-echo "postgresql://$USER_NAME:$PASSWORD@127.0.0.1:$PORT/$DB_NAME"
+echo "$URL"

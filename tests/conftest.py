@@ -1,13 +1,28 @@
-"""Fixtures shared by the whole test suite."""
+"""Fixtures shared by the whole test suite, in one place: the Rust guests (`guest_wasm`), each engine
+usable here (`engine_name`, from engine_support.py), a PostgreSQL schema per test (`pg_url`), runtimes
+closed at teardown (`make_runtime`), and no `wasmflow` subprocess outliving its test.
+
+Helpers without state live beside it: guest_support.py (`write_wat`, the one way to write a WAT guest),
+platform_support.py (servers on a thread, deliveries, `WasmflowProcess` for a real `wasmflow up` or
+`worker`), engine_support.py, hostile_support.py."""
 
 from __future__ import annotations
 
 import os
+import sys
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import pytest
+import sqlalchemy as sa
 
+from engine_support import engine_name  # noqa: F401  (fixture: each engine usable here)
 from wasmflow.build import BuildError, Toolchain, build, find_toolchain
+
+if TYPE_CHECKING:
+    from wasmflow.flows.model import FlowsFile
+    from wasmflow.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_WORKSPACE = REPO / "guest-examples"
@@ -39,6 +54,69 @@ def guest_wasm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """
     require_toolchain()
     return build(None, GUEST_WORKSPACE, tmp_path_factory.mktemp("build-state"), progress=False)
+
+
+PG_SKIP = "PostgreSQL not available (set WASMFLOW_TEST_POSTGRES_URL, or run `make test` to start one)"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a schema of its own, dropped after the test.
+
+    The server is WASMFLOW_TEST_POSTGRES_URL (`make test` starts one); without it the test skips with
+    the reason scripts/run-tests.sh found (WASMFLOW_TEST_POSTGRES_SKIP).
+    """
+    base = os.environ.get("WASMFLOW_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip(os.environ.get("WASMFLOW_TEST_POSTGRES_SKIP") or PG_SKIP)
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in base else "?"
+    yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text("SET LOCAL lock_timeout = '20s'"))  # a leaked connection fails the test, not hangs it
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
+    """`make_runtime(directory, flows, database_url=None, engine=None)`: a Runtime over flows.yaml text
+    or a FlowsFile (see platform_support.build_runtime), closed at teardown even when the test fails,
+    so no engine thread, model or database connection outlives its test. Closing it earlier is fine."""
+    from platform_support import build_runtime
+
+    made: list[Runtime] = []
+
+    def make(directory: Path, flows: "str | FlowsFile", database_url: Optional[str] = None,
+             engine: Optional[str] = None) -> Runtime:
+        runtime = build_runtime(directory, flows, database_url=database_url, engine=engine)
+        close = runtime.close
+        closed: list[bool] = []
+
+        def close_once() -> None:  # the test may close it itself; teardown then leaves it be
+            if not closed:
+                closed.append(True)
+                close()
+
+        runtime.close = close_once  # type: ignore[method-assign]
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in reversed(made):
+        runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_wasmflow_process_left() -> Iterator[None]:
+    """Kill any `wasmflow` subprocess (platform_support.WasmflowProcess) its test left running."""
+    yield
+    support = sys.modules.get("platform_support")  # only a test that imported it can have started one
+    if support is not None:
+        support.WasmflowProcess.kill_leftovers()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wasmflow.engine import wasmedge_capi
+from wasmflow.engine import ENGINES, wasmedge_capi
 
 WASMEDGE_SKIP = "libwasmedge not found (set WASMFLOW_WASMEDGE_LIB)"
 
@@ -24,3 +24,11 @@ def skip_without(name: str) -> None:
         if problem is not None:
             # Absent: the fixed reason CI looks for. Present but unusable (a wrong version): say why.
             pytest.skip(WASMEDGE_SKIP if "not found" in problem or "names no" in problem else problem)
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine_name(request: pytest.FixtureRequest) -> str:
+    """The fixture `engine_name` (conftest.py offers it to every test): the test runs once per engine,
+    and the WasmEdge half skips where libwasmedge is absent."""
+    skip_without(request.param)
+    return request.param

@@ -24,22 +24,15 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-import wasmtime
 
-from engine_support import skip_without
+from engine_support import engine_name  # noqa: F401  (re-exported: the hostile tests import it from here)
+from guest_support import write_wat
 from wasmflow.engine import ENGINES, RunResult
 from wasmflow.flows.model import FlowsFile
 from wasmflow.host_functions.spec import Event
 from wasmflow.runtime import Runtime
 
 HOSTILE_DIR = Path(__file__).resolve().parent / "hostile"
-
-
-@pytest.fixture(params=list(ENGINES))
-def engine_name(request: pytest.FixtureRequest) -> str:
-    """Each hostile test runs once per engine; the WasmEdge half skips where libwasmedge is absent."""
-    skip_without(request.param)
-    return request.param
 
 
 @pytest.fixture
@@ -87,9 +80,7 @@ def wat_module(tmp_path: Path, name_or_text: str) -> Path:
     text = name_or_text
     if "\n" not in name_or_text and name_or_text.endswith(".wat"):
         text = (HOSTILE_DIR / name_or_text).read_text()
-    path = tmp_path / f"guest-{abs(hash(text)) % 10**12}.wasm"
-    path.write_bytes(wasmtime.wat2wasm(text))
-    return path
+    return write_wat(tmp_path / f"guest-{abs(hash(text)) % 10**12}.wasm", text)
 
 
 def make_flows(module: Path, *, models: Optional[dict[str, Any]] = None, github: Optional[dict[str, Any]] = None,

@@ -1,5 +1,6 @@
 """Shared pieces of the control-plane tests: small WAT guests, flows.yaml set-ups, a real server on a
-thread, signed deliveries, and a PostgreSQL schema per test."""
+thread, a real `wasmflow` subprocess, and signed deliveries. Fixtures (`pg_url`, `make_runtime`) live in
+conftest.py."""
 
 from __future__ import annotations
 
@@ -8,24 +9,28 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import pytest
 import requests
 import sqlalchemy as sa
-import wasmtime
 
+from guest_support import write_wat  # noqa: F401  (re-exported: the control-plane tests import it from here)
 from wasmflow.flows.loader import load_flows
+from wasmflow.platform import db as dbmod
+from wasmflow.flows.model import FlowsFile
 from wasmflow.platform.app import Options, Platform, serve
 from wasmflow.runtime import Runtime
 
 SECRET = "test-webhook-secret"
-PG_SKIP = "PostgreSQL not available (set WASMFLOW_TEST_POSTGRES_URL)"
 
 # Guests written in WAT: each does one precise thing the control plane must react to.
 TRAP_WAT = '(module (memory (export "memory") 1) (func (export "_start") unreachable))'
@@ -37,23 +42,24 @@ OK_WAT = """(module
  (func (export "_start") (drop (call $out (i32.const 0) (i32.const 11)))))"""
 
 
-def write_wat(path: Path, text: str) -> Path:
-    path.write_bytes(wasmtime.wat2wasm(text))
-    return path
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def make_runtime(directory: Path, flows_yaml: str, database_url: Optional[str] = None) -> Runtime:
-    """A Runtime over a flows.yaml written into `directory` (SQLite there unless `database_url`)."""
+def build_runtime(directory: Path, flows: "str | FlowsFile", database_url: Optional[str] = None,
+                  engine: Optional[str] = None) -> Runtime:
+    """A Runtime over `flows`: flows.yaml text (written into `directory`, SQLite there unless
+    `database_url`) or a FlowsFile (with `directory` as its base). Tests take the `make_runtime` fixture,
+    which closes what this builds."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "flows.yaml").write_text(flows_yaml)
+    if isinstance(flows, FlowsFile):
+        return Runtime(flows, directory, database_url=database_url, engine_override=engine)
+    (directory / "flows.yaml").write_text(flows)
     loaded = load_flows(directory / "flows.yaml")
-    return Runtime(loaded.file, loaded.base_dir, database_url=database_url or f"sqlite:///{directory / 'state.db'}")
+    return Runtime(loaded.file, loaded.base_dir, database_url=database_url or f"sqlite:///{directory / 'state.db'}",
+                   engine_override=engine)
 
 
 def signed(body: bytes, secret: str = SECRET) -> str:
@@ -117,19 +123,86 @@ def scalar(db: sa.Engine, sql: str, **params: Any) -> Any:
         return conn.execute(sa.text(sql), params).scalar()
 
 
-@pytest.fixture
-def pg_url() -> Any:
-    """A PostgreSQL URL whose search_path is a schema of its own, dropped after the test."""
-    base = os.environ.get("WASMFLOW_TEST_POSTGRES_URL")
-    if not base:
-        pytest.skip(PG_SKIP)
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in base else "?"
-    yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text("SET LOCAL lock_timeout = '20s'"))  # a leaked connection fails the test, not hangs it
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+class WasmflowProcess(subprocess.Popen):
+    """A real `wasmflow <args> --flows directory/flows.yaml` process, its output appended to `directory/log_name`.
+
+    `database_url` becomes WASMFLOW_DATABASE_URL (any inherited one is dropped); GITHUB_WEBHOOK_SECRET is
+    the tests' SECRET. Every one started is killed after its test if it still runs (see conftest.py), so a
+    failing test leaves no server behind.
+    """
+
+    running: ClassVar[set["WasmflowProcess"]] = set()
+
+    def __init__(self, directory: Path, args: Sequence[str], *, database_url: Optional[str] = None,
+                 log_name: str = "wasmflow.log") -> None:
+        env = {**os.environ, "GITHUB_WEBHOOK_SECRET": SECRET}
+        env.pop("WASMFLOW_DATABASE_URL", None)
+        if database_url:
+            env["WASMFLOW_DATABASE_URL"] = database_url
+        self.log_path = directory / log_name
+        with open(self.log_path, "ab") as log:
+            super().__init__([sys.executable, "-m", "wasmflow.cli", *args, "--flows", str(directory / "flows.yaml")],
+                             stdout=log, stderr=log, env=env, cwd=directory)
+        WasmflowProcess.running.add(self)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, port: int, timeout: float = 60) -> str:
+        """Wait until /healthz on `port` answers 200; returns the base URL. Fails with the log if it exits."""
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert self.poll() is None, self.log()
+            try:
+                return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(healthy, timeout=timeout, interval=0.1)
+        return base
+
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        """Wait until the log holds `text` (e.g. the line a worker prints once started)."""
+        wait_until(lambda: text in self.log(), timeout=timeout, interval=0.1)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then SIGKILL if it is still there after `timeout` s; returns the exit status (-9 when killed)."""
+        if self.poll() is None:
+            self.send_signal(signal.SIGTERM)
+            try:
+                self.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.wait()
+        WasmflowProcess.running.discard(self)
+        return self.returncode
+
+    @classmethod
+    def kill_leftovers(cls) -> None:
+        for proc in list(cls.running):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            cls.running.discard(proc)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    """The store on SQLite and on PostgreSQL (a schema of its own): each test using it runs on both."""
+    if request.param == "sqlite":
+        engine = dbmod.open_database(f"sqlite:///{tmp_path / 'q.db'}")
+    else:
+        engine = dbmod.open_database(request.getfixturevalue("pg_url"))
+    yield engine
+    engine.dispose()
+
+
+class Clock:
+    """A settable clock for the queue (`queue.now`): lease expiry and backoff without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = time.time() + 1  # after the runs the test enqueues (their available_at is the wall clock)
+
+    def __call__(self) -> float:
+        return self.now

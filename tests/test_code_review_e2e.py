@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from platform_support import SECRET, ServerThread, deliver, make_runtime, wait_until
+from platform_support import SECRET, ServerThread, deliver, wait_until
 from wasmflow.devtools.github_payloads import issue_comment_event, pull_request_event
 from wasmflow.devtools.github_standin import GithubStandin
 from wasmflow.devtools.openai_standin import OpenAIStandin
 from wasmflow.platform.app import Options
 from wasmflow.platform.store import get_run, list_runs
+from wasmflow.runtime import Runtime
 
 from test_code_review import MARKER, REPO, finding_responder, rust_files
 
@@ -69,7 +70,7 @@ class Stack:
         return mine[0]
 
 
-def stack(tmp_path: Path, wasm: Path, attempts: int) -> Iterator[Stack]:
+def stack(tmp_path: Path, wasm: Path, attempts: int, make_runtime: Callable[..., Runtime]) -> Iterator[Stack]:
     with GithubStandin() as github, OpenAIStandin(finding_responder) as llm:
         github.add_repo(REPO)
         app_dir = tmp_path / "app"
@@ -84,9 +85,10 @@ def stack(tmp_path: Path, wasm: Path, attempts: int) -> Iterator[Stack]:
 
 
 @pytest.fixture()
-def e2e(tmp_path: Path, guest_wasm: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+def e2e(tmp_path: Path, guest_wasm: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        make_runtime: Callable[..., Runtime]) -> Iterator[Stack]:
     monkeypatch.setenv("WASMFLOW_TEST_LLM_KEY", "sk-test")
-    yield from stack(tmp_path, guest_wasm["code-review"], attempts=3)
+    yield from stack(tmp_path, guest_wasm["code-review"], attempts=3, make_runtime=make_runtime)
 
 
 def test_opened_synchronize_command_and_redelivery(e2e: Stack) -> None:
@@ -146,9 +148,10 @@ def test_a_3000_line_pr_through_the_server(e2e: Stack) -> None:
 
 
 def test_llm_down_on_every_attempt_leaves_the_error_note(tmp_path: Path, guest_wasm: dict[str, Path],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          make_runtime: Callable[..., Runtime]) -> None:
     monkeypatch.setenv("WASMFLOW_TEST_LLM_KEY", "sk-test")
-    for s in stack(tmp_path, guest_wasm["code-review"], attempts=2):
+    for s in stack(tmp_path, guest_wasm["code-review"], attempts=2, make_runtime=make_runtime):
         s.github.add_pull(REPO, "Add modules", rust_files(1))
         s.llm.fail_next(503, times=10)
         s.send("pull_request", pull_request_event(s.github, REPO, 1))

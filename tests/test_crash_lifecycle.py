@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +27,7 @@ from wasmflow.platform.store import NewEvent, NewRun, record_event
 from wasmflow.platform.worker import Dispatcher
 
 from hostile_support import engine_name  # noqa: F401  (fixture: both engines)
-from platform_support import free_port, make_runtime, pg_url, scalar, wait_until, write_wat  # noqa: F401
+from platform_support import WasmflowProcess, free_port, scalar, wait_until, write_wat, Clock, db  # noqa: F401  (db: a fixture)
 
 SLEEP_NS = 1_000_000_000
 
@@ -74,22 +72,6 @@ flows:
 """
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        engine = dbmod.open_database(f"sqlite:///{tmp_path / 'q.db'}")
-    else:
-        engine = dbmod.open_database(request.getfixturevalue("pg_url"))
-    yield engine
-    engine.dispose()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time() + 1  # after the runs the test enqueues (their available_at is the wall clock)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def enqueue(db: sa.Engine, n: int = 1, flow: str = "f", attempts: int = 3) -> list[str]:
@@ -175,7 +157,7 @@ def test_an_http_run_executed_in_place_is_its_first_execution(db):
     assert scalar(db, "SELECT attempt || ':' || executions FROM runs") == "1:1"
 
 
-def test_run_info_tells_the_guest_its_execution(tmp_path):
+def test_run_info_tells_the_guest_its_execution(tmp_path, make_runtime):
     write_wat(tmp_path / "info.wasm", RUN_INFO_WAT)
     runtime = make_runtime(tmp_path, FLOWS.format(module="info.wasm"))
     try:
@@ -246,19 +228,11 @@ class Served:
         (directory / ".wasmflow").mkdir(exist_ok=True)
         self.db = dbmod.open_database(url)
 
-    def start(self, grace: float) -> subprocess.Popen:
-        env = {**os.environ}
-        env.pop("WASMFLOW_DATABASE_URL", None)
-        if self.database_url:
-            env["WASMFLOW_DATABASE_URL"] = self.database_url
-            command = ["worker"]
-        else:
-            command = ["up", "--port", str(free_port())]
-        log = open(self.directory / "serve.log", "ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", "wasmflow.cli", *command, "--flows", str(self.directory / "flows.yaml"),
-             "--workers", "2", "--lease", "10", "--grace", str(grace), "--log-level", "info"],
-            stdout=log, stderr=log, env=env, cwd=self.directory)
+    def start(self, grace: float) -> WasmflowProcess:
+        command = ["worker"] if self.database_url else ["up", "--port", str(free_port())]
+        return WasmflowProcess(self.directory, [*command, "--workers", "2", "--lease", "10", "--grace", str(grace),
+                                                "--log-level", "info"],
+                               database_url=self.database_url, log_name="serve.log")
 
     def rows(self, sql: str, **params: Any) -> list[tuple]:
         with self.db.connect() as conn:
@@ -282,13 +256,11 @@ def served(request, tmp_path):
     s.db.dispose()
 
 
-def stop(proc: subprocess.Popen, served: Served) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("did not stop on SIGTERM:\n" + served.log())
+def stop(proc: WasmflowProcess, served: Served) -> int:
+    """SIGTERM; the exit status, or a failure with the log if it did not stop within 40 s."""
+    status = proc.stop(timeout=40)
+    assert status != -signal.SIGKILL, "did not stop on SIGTERM:\n" + served.log()
+    return status
 
 
 def assert_each_run_completed_exactly_once(served: Served, ids: list[str]) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import wasmtime
 
+from guest_support import write_wat
 from wasmflow.engine import ModuleError, RunRequest, Status
 from wasmflow.engine.cache import ModuleCache
 from wasmflow.engine.wasmtime_engine import WasmtimeEngine
@@ -22,8 +22,7 @@ OUTPUT_WAT = """(module
 
 
 def wasm(path: Path, text: str) -> Path:
-    path.write_bytes(wasmtime.wat2wasm(OUTPUT_WAT % (text, len(text))))
-    return path
+    return write_wat(path, OUTPUT_WAT % (text, len(text)))
 
 
 @pytest.fixture
@@ -92,16 +91,14 @@ def test_malformed_module_names_the_flow(engine, tmp_path):
 
 
 def test_missing_import_names_the_flow_and_the_import(engine, tmp_path):
-    path = tmp_path / "imp.wasm"
-    path.write_bytes(wasmtime.wat2wasm(
-        '(module (import "wasmflow" "no_such_function" (func)) (memory (export "memory") 1)'
-        ' (func (export "_start")))'))
+    path = write_wat(tmp_path / "imp.wasm",
+                     '(module (import "wasmflow" "no_such_function" (func)) (memory (export "memory") 1)'
+                     ' (func (export "_start")))')
     with pytest.raises(ModuleError, match=r"flow 'review'.*no_such_function"):
         engine.load(path, "review")
 
 
 def test_module_without_start_is_refused(engine, tmp_path):
-    path = tmp_path / "lib.wasm"
-    path.write_bytes(wasmtime.wat2wasm('(module (func (export "f")))'))
+    path = write_wat(tmp_path / "lib.wasm", '(module (func (export "f")))')
     with pytest.raises(ModuleError, match="no _start"):
         engine.load(path, "lib")

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import wasmtime
 
 from wasmflow.engine import ENGINES, Engine, ModuleError, RunRequest, RunResult, Status, make_engine
 from engine_support import skip_without
+from guest_support import write_wat
 from wasmflow.engine import wasmedge_capi
 from wasmflow.flows.model import Flow
 from wasmflow.host_functions import Host
@@ -27,12 +27,6 @@ from wasmflow.host_functions.config import ConfigCapability
 from wasmflow.host_functions.core import CoreCapability
 from wasmflow.host_functions.spec import Call, Capability, Event, HostFunction
 
-
-
-@pytest.fixture(params=list(ENGINES))
-def engine_name(request: pytest.FixtureRequest) -> str:
-    skip_without(request.param)
-    return request.param
 
 
 def new_engine(name: str, tmp_path: Path, host: Host | None = None) -> Engine:
@@ -53,12 +47,6 @@ def flow(name: str, module: Path, **kw: Any) -> Flow:
 def run(engine: Engine, module_path: Path, fl: Flow, event: Event | None = None, **req: Any) -> RunResult:
     module = engine.load(module_path, fl.name)
     return engine.run(module, RunRequest(flow=fl, event=event or Event("manual", b'{"name": "suite"}'), **req))
-
-
-def wat(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / f"{name}.wasm"
-    path.write_bytes(wasmtime.wat2wasm(text))
-    return path
 
 
 # -- the Rust guests ---------------------------------------------------------------------------
@@ -185,7 +173,7 @@ ECHO_WAT = """(module
 def test_wasi_gets_only_declared_args_env_and_stdin(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("DECLARED_SECRET", "s3cret")
     monkeypatch.setenv("UNDECLARED_SECRET", "nope")
-    path = wat(tmp_path, "echo", ECHO_WAT)
+    path = write_wat(tmp_path / "echo.wasm", ECHO_WAT)
     fl = flow("echo", path, args=["one", "two words"], config={"mode": "fast", "n": 3}, secrets=["DECLARED_SECRET"])
     result = run(engine, path, fl)
     assert result.status is Status.OK, result.error
@@ -223,7 +211,7 @@ FLOOD_WAT = """(module
 
 
 def test_output_is_captured_and_capped(engine, tmp_path):
-    path = wat(tmp_path, "flood", FLOOD_WAT)  # 4 MiB to each of stdout and stderr
+    path = write_wat(tmp_path / "flood.wasm", FLOOD_WAT)  # 4 MiB to each of stdout and stderr
     result = run(engine, path, flow("flood", path, limits={"output": "256KiB"}))
     assert result.status is Status.OK, result.error
     for stream in (result.stdout, result.stderr):
@@ -239,19 +227,19 @@ EXIT_WAT = """(module
 
 @pytest.mark.parametrize("code,status", [(0, Status.OK), (7, Status.ERROR)])
 def test_proc_exit_code(engine, tmp_path, code, status):
-    path = wat(tmp_path, f"exit{code}", EXIT_WAT % code)
+    path = write_wat(tmp_path / f"exit{code}.wasm", EXIT_WAT % code)
     result = run(engine, path, flow("exit", path))
     assert (result.status, result.exit_code) == (status, code)
 
 
 def test_trap_is_reported(engine, tmp_path):
-    path = wat(tmp_path, "trap", '(module (memory (export "memory") 1) (func (export "_start") unreachable))')
+    path = write_wat(tmp_path / "trap.wasm", '(module (memory (export "memory") 1) (func (export "_start") unreachable))')
     result = run(engine, path, flow("trap", path))
     assert result.status is Status.TRAP and result.error
 
 
 def test_initial_memory_over_the_cap_is_oom(engine, tmp_path):
-    path = wat(tmp_path, "big", '(module (memory (export "memory") 2000) (func (export "_start")))')  # 125 MiB
+    path = write_wat(tmp_path / "big.wasm", '(module (memory (export "memory") 2000) (func (export "_start")))')  # 125 MiB
     assert run(engine, path, flow("big", path, limits={"memory": "64MiB"})).status is Status.OOM
     assert run(engine, path, flow("big", path, limits={"memory": "256MiB"})).status is Status.OK
 
@@ -267,7 +255,7 @@ GROW_WAT = """(module
 
 
 def test_memory_grow_stops_at_the_cap(engine, tmp_path):
-    path = wat(tmp_path, "grow", GROW_WAT)
+    path = write_wat(tmp_path / "grow.wasm", GROW_WAT)
     result = run(engine, path, flow("grow", path, limits={"memory": "2MiB"}))
     assert (result.status, result.exit_code) == (Status.OK, 0)
 
@@ -279,7 +267,7 @@ NO_MEMORY_WAT = """(module
 
 
 def test_guest_without_memory_export_gets_bad_pointer(engine, tmp_path):
-    path = wat(tmp_path, "nomem", NO_MEMORY_WAT)
+    path = write_wat(tmp_path / "nomem.wasm", NO_MEMORY_WAT)
     result = run(engine, path, flow("nomem", path))
     assert result.status is Status.OK, result.error  # it got BAD_POINTER (4), else it would trap
     assert "outside guest memory of 0 bytes" in result.denials[0]
@@ -307,7 +295,7 @@ BOOM_WAT = """(module
 def test_host_function_bug_is_internal_and_logged(engine_name, tmp_path, caplog):
     engine = new_engine(engine_name, tmp_path, Host([CoreCapability(), ConfigCapability(), BoomCapability()]))
     try:
-        path = wat(tmp_path, "boom", BOOM_WAT)
+        path = write_wat(tmp_path / "boom.wasm", BOOM_WAT)
         with caplog.at_level(logging.ERROR):
             result = run(engine, path, flow("boom", path))
         assert (result.status, result.exit_code) == (Status.ERROR, 8)  # Code.INTERNAL
@@ -327,7 +315,7 @@ def test_host_function_bug_is_internal_and_logged(engine_name, tmp_path, caplog)
     ],
 )
 def test_unlinkable_module_is_refused_at_load(engine, tmp_path, imports):
-    path = wat(tmp_path, "imp", f'(module {imports} (func (export "_start")))')
+    path = write_wat(tmp_path / "imp.wasm", f'(module {imports} (func (export "_start")))')
     with pytest.raises(ModuleError, match=r"flow 'review'.*(cannot be linked|incompatible|unknown import)"):
         engine.load(path, "review")
 
@@ -339,13 +327,13 @@ def test_module_errors(engine, tmp_path):
     garbage.write_bytes(b"\0asm\x01\x00\x00\x00garbage")
     with pytest.raises(ModuleError, match=r"flow 'f'.*not a valid module"):
         engine.load(garbage, "f")
-    lib = wat(tmp_path, "lib", '(module (func (export "f")))')
+    lib = write_wat(tmp_path / "lib.wasm", '(module (func (export "f")))')
     with pytest.raises(ModuleError, match="no _start"):
         engine.load(lib, "f")
 
 
 def test_concurrent_runs_keep_their_own_output_and_state(engine, tmp_path):
-    path = wat(tmp_path, "echo", ECHO_WAT)
+    path = write_wat(tmp_path / "echo.wasm", ECHO_WAT)
     module = engine.load(path, "echo")
     fl = flow("echo", path)
     failures: list[str] = []
@@ -374,7 +362,7 @@ def test_wasmedge_fallback_stdio_redirect_for_old_versions(tmp_path):
     engine = new_engine("wasmedge", tmp_path)
     try:
         engine._map_fds = False  # what an 0.14/0.15 library gets
-        path = wat(tmp_path, "echo", ECHO_WAT)
+        path = write_wat(tmp_path / "echo.wasm", ECHO_WAT)
         fl = flow("echo", path, args=["a"], config={"k": "v"})
         result = run(engine, path, fl, stdin=b"in")
         assert (result.status, result.stdout, result.stderr) == (Status.OK, b"echo\0a\0|in", b"k=v\0")
@@ -396,7 +384,7 @@ def test_missing_preopen_is_invalid_not_silently_dropped(guest_wasm, tmp_path, e
 def test_wasmedge_reports_interpreter_mode_and_frees_on_close(tmp_path):
     skip_without("wasmedge")
     engine = new_engine("wasmedge", tmp_path)
-    path = wat(tmp_path, "trap", '(module (memory (export "memory") 1) (func (export "_start") unreachable))')
+    path = write_wat(tmp_path / "trap.wasm", '(module (memory (export "memory") 1) (func (export "_start") unreachable))')
     module = engine.load(path, "m")
     assert run(engine, path, flow("m", path)).mode == engine.mode in ("interpreter", "aot")
     engine.close()

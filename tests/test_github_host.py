@@ -19,35 +19,9 @@ from wasmflow.devtools.github_standin import FileChange, GithubStandin, added_fi
 from wasmflow.flows.model import Allow, Flow
 from wasmflow.host_functions.github import GithubApp, GithubCapability, classify, parse_links, rate_limit_wait
 from wasmflow.host_functions.spec import Call, Code, Event, HostError, RunContext
+from guest_support import Memory
 
 REPO = "octo-org/hello-world"
-
-
-class Memory:
-    """A guest memory as a plain bytearray (the GuestMemory protocol), to call host bodies directly."""
-
-    def __init__(self, size: int = 1 << 16) -> None:
-        self.buf = bytearray(size)
-        self.top = 1024
-
-    def size(self) -> int:
-        return len(self.buf)
-
-    def read(self, ptr: int, length: int) -> bytes:
-        if ptr + length > len(self.buf):
-            raise HostError(Code.BAD_POINTER)
-        return bytes(self.buf[ptr:ptr + length])
-
-    def write(self, ptr: int, data: bytes) -> None:
-        if ptr + len(data) > len(self.buf):
-            raise HostError(Code.BAD_POINTER)
-        self.buf[ptr:ptr + len(data)] = data
-
-    def put(self, data: bytes) -> tuple[int, int]:
-        ptr = self.top
-        self.write(ptr, data)
-        self.top += len(data) + 8
-        return ptr, len(data)
 
 
 @pytest.fixture()

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import wasmtime
 
+from guest_support import write_wat
 from hostile_support import engine_name  # noqa: F401
 from wasmflow.engine import RunRequest, Status, make_engine
 from wasmflow.flows.model import Flow
@@ -59,8 +59,7 @@ def test_a_halting_host_call_stops_the_guest_before_its_next_instruction(engine_
     cap = HaltingCapability()
     engine = make_engine(engine_name, Host([CoreCapability(), ConfigCapability(environ={}), cap]), tmp_path / "cache")
     try:
-        path = tmp_path / "halt.wasm"
-        path.write_bytes(wasmtime.wat2wasm(GUEST.replace("KIND", str(kind))))
+        path = write_wat(tmp_path / "halt.wasm", GUEST.replace("KIND", str(kind)))
         flow = Flow(name="halting", module=str(path), limits={"timeout": "20s"})
         result = engine.run(engine.load(path, flow.name), RunRequest(flow=flow, event=Event("manual")))
     finally:

@@ -28,9 +28,12 @@ BIG = 9 * 1024 * 1024
 async def _drip(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/plain"})
     await response.prepare(request)
-    while True:  # a byte a second, forever: until the client goes away
-        await response.write(b"x")
-        await asyncio.sleep(1)
+    try:
+        while True:  # a byte a second, forever: until the client goes away
+            await response.write(b"x")
+            await asyncio.sleep(1)
+    except ConnectionError:  # the client hung up (its deadline): the end this handler waits for, not an error
+        return response
 
 
 async def _redirect(request: web.Request) -> web.Response:
@@ -205,7 +208,9 @@ def test_malformed_request_is_invalid_without_a_traceback(servers, tmp_path, cap
         result = run_flow("wasmtime", tmp_path, http_guest(spec), allow=allow_loopback(), limits={"timeout": "5s"})
     assert result.status is Status.OK, result.error
     assert result.output == str(int(Code.INVALID)).encode(), f"{case}: code {result.output!r}"
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    # Only the host's own records: the drip servers' aiohttp logs of earlier tests may land here too.
+    ours = [r for r in caplog.records if r.name.startswith("wasmflow")]
+    assert not [r for r in ours if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
 @pytest.mark.parametrize("spec, words", [

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from platform_support import OK_WAT, SECRET, ServerThread, deliver, make_runtime, scalar, signed, write_wat
+from platform_support import OK_WAT, SECRET, ServerThread, deliver, scalar, signed, write_wat
 from wasmflow.platform.app import Options
 from wasmflow.platform.ingress import MAX_JSON_DEPTH, final_status
 
@@ -75,7 +75,7 @@ flows:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerThread]:
+def server(tmp_path: Path, make_runtime) -> Iterator[ServerThread]:
     runtime = make_runtime(tmp_path / "app", flows_yaml(tmp_path))
     options = Options(workers=2, poll_interval=0.1, webhook_secret=SECRET, max_body=1024 * 1024,
                       header_timeout=1.0, body_timeout=1.0)
@@ -221,7 +221,7 @@ def test_final_status_refuses_anything_outside_200_to_599() -> None:
 
 # -- (d) an HTTP run outliving its lease -------------------------------------------------------------
 
-def test_http_runs_longer_than_their_lease_are_recorded_as_answered(tmp_path: Path) -> None:
+def test_http_runs_longer_than_their_lease_are_recorded_as_answered(tmp_path: Path, make_runtime) -> None:
     """Eight one-second runs through two run slots under a 0.5 s lease: the last ones wait their turn
     past `timeout + lease`, and recovery must never take them back (before the fix: `dead/lost`)."""
     flows = f"""

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from hostile_support import HOSTILE_DIR, PeakRss, assert_no_leak, engine_name, planted_secret, run_flow  # noqa: F401
-from platform_support import ServerThread, make_runtime, scalar, wait_until, write_wat
+from platform_support import ServerThread, scalar, wait_until, write_wat
 from wasmflow.engine import Status
 from wasmflow.flows.model import Limits
 from wasmflow.host_functions.spec import Code
@@ -100,7 +100,7 @@ def test_output_and_response_body_over_their_caps_are_too_large(engine_name, tmp
     assert result.output == b"00" and len(result.response_body or b"") == 9 * 1024 * 1024
 
 
-def test_cut_output_is_stored_bounded_and_counted_in_metrics(tmp_path):
+def test_cut_output_is_stored_bounded_and_counted_in_metrics(tmp_path, make_runtime):
     """Through the platform: the stored log is bounded, and /metrics counts the run whose logs were cut."""
     wasm = write_wat(tmp_path / "logs.wasm", (HOSTILE_DIR / "out_logs_long.wat").read_text())
     runtime = make_runtime(tmp_path, f"""

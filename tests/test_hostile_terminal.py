@@ -18,7 +18,7 @@ import requests
 from click.testing import CliRunner
 
 from hostile_support import HOSTILE_DIR
-from platform_support import ServerThread, make_runtime, scalar, wait_until, write_wat
+from platform_support import ServerThread, scalar, wait_until, write_wat
 from wasmflow.cli import main
 from wasmflow.platform.app import Options
 from wasmflow.terminal import GuestSafeFormatter, clean
@@ -62,7 +62,7 @@ def test_run_prints_guest_text_as_data(project):
     assert "refused: http://evil.example/x is not in allow.http" in proc.stdout
 
 
-def test_logs_runs_and_events_print_guest_text_as_data(project):
+def test_logs_runs_and_events_print_guest_text_as_data(project, make_runtime):
     runtime = make_runtime(project, (project / "flows.yaml").read_text())
     try:
         with ServerThread(runtime, Options(workers=1, poll_interval=0.05)) as server:

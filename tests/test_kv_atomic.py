@@ -16,7 +16,6 @@ from typing import Any, Callable
 import pytest
 
 from hostile_support import engine_name, run_flow  # noqa: F401
-from platform_support import pg_url  # noqa: F401  (fixture)
 from wasmflow.engine import Status
 from wasmflow.flows.model import FlowsFile
 from wasmflow.host_functions.kv import KeyValueStore, KvValueError

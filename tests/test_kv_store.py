@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from platform_support import pg_url  # noqa: F401  (fixture)
 
 from wasmflow.host_functions.kv import KeyValueStore
 from wasmflow.platform.db import open_database

@@ -12,10 +12,7 @@ Afterwards every delivery must be stored once, with exactly one completed run pe
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ import sqlalchemy as sa
 
 from wasmflow.platform.db import open_database
 
-from platform_support import SECRET, deliver, free_port, pg_url, wait_until  # noqa: F401  (pg_url: fixture)
+from platform_support import WasmflowProcess, deliver, free_port, wait_until
 
 DELIVERIES = 1000
 SENDERS = 16
@@ -45,32 +42,16 @@ flows:
 """
 
 
-def spawn(directory: Path, args: list[str], database_url: Optional[str], log_name: str) -> subprocess.Popen:
-    env = {**os.environ, "GITHUB_WEBHOOK_SECRET": SECRET}
-    env.pop("WASMFLOW_DATABASE_URL", None)
-    if database_url:
-        env["WASMFLOW_DATABASE_URL"] = database_url
-    log = open(directory / log_name, "ab")
-    return subprocess.Popen([sys.executable, "-m", "wasmflow.cli", *args, "--flows", str(directory / "flows.yaml"),
-                             "--log-level", "warning"], stdout=log, stderr=log, env=env, cwd=directory)
-
-
-def start_up(directory: Path, port: int, workers: int = 4, database_url: Optional[str] = None) -> subprocess.Popen:
-    proc = spawn(directory, ["up", "--port", str(port), "--workers", str(workers), "--lease", "10"], database_url, "up.log")
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (directory / "up.log").read_text()
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_until(healthy, timeout=60, interval=0.1)
+def start_up(directory: Path, port: int, workers: int = 4, database_url: Optional[str] = None) -> WasmflowProcess:
+    proc = WasmflowProcess(directory, ["up", "--port", str(port), "--workers", str(workers), "--lease", "10",
+                                       "--log-level", "warning"], database_url=database_url, log_name="up.log")
+    proc.wait_healthy(port)
     return proc
 
 
-def start_worker(directory: Path, database_url: str) -> subprocess.Popen:
-    return spawn(directory, ["worker", "--workers", "4", "--lease", "2"], database_url, "worker.log")
+def start_worker(directory: Path, database_url: str) -> WasmflowProcess:
+    return WasmflowProcess(directory, ["worker", "--workers", "4", "--lease", "2", "--log-level", "warning"],
+                           database_url=database_url, log_name="worker.log")
 
 
 def payload(i: int) -> tuple[str, dict]:
@@ -145,15 +126,6 @@ def assert_each_delivery_ran_once_per_flow(db: sa.Engine) -> dict[str, int]:
     return stats
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def test_sqlite_up_killed_mid_stream_loses_nothing_and_completes_each_run_once(tmp_path, guest_wasm):
     (tmp_path / "flows.yaml").write_text(FLOWS.format(hello=guest_wasm["hello"]))
     port = free_port()
@@ -175,7 +147,7 @@ def test_sqlite_up_killed_mid_stream_loses_nothing_and_completes_each_run_once(t
         db.dispose()
         print(f"acked before kill {acked_before_kill}, connection failures {senders.refused}, {stats}")
     finally:
-        stop(proc)
+        proc.stop()
 
 
 def test_postgres_worker_killed_mid_stream_its_runs_come_back_when_leases_expire(tmp_path, guest_wasm, pg_url):
@@ -202,6 +174,6 @@ def test_postgres_worker_killed_mid_stream_its_runs_come_back_when_leases_expire
         stats = assert_each_delivery_ran_once_per_flow(db)
         print(f"runs done before kill {done_before_kill}, {stats}")
     finally:
-        stop(worker)
-        stop(ingress)
+        worker.stop()
+        ingress.stop()
         db.dispose()

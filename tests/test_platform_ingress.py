@@ -13,7 +13,7 @@ from wasmflow.platform.app import Options
 from wasmflow.platform.ingress import sign, verify_signature
 from wasmflow.platform.store import list_events, runs_for_event
 
-from platform_support import OK_WAT, SECRET, TRAP_WAT, ServerThread, deliver, make_runtime, scalar, signed, wait_until, write_wat
+from platform_support import OK_WAT, SECRET, TRAP_WAT, ServerThread, deliver, scalar, signed, wait_until, write_wat
 
 
 def test_signature_matches_githubs_test_vector():
@@ -48,7 +48,7 @@ flows:
 
 
 @pytest.fixture
-def server(tmp_path: Path, guest_wasm):
+def server(tmp_path: Path, guest_wasm, make_runtime):
     flows = FLOWS.format(hello=guest_wasm["hello"], ok=write_wat(tmp_path / "ok.wasm", OK_WAT),
                          trap=write_wat(tmp_path / "trap.wasm", TRAP_WAT))
     runtime = make_runtime(tmp_path / "app", flows)
@@ -140,7 +140,7 @@ def test_oversized_body_is_413_with_or_without_content_length(server):
     assert count_events(server) == 0
 
 
-def test_unknown_event_is_202_recorded_and_ignored(tmp_path, guest_wasm):
+def test_unknown_event_is_202_recorded_and_ignored(tmp_path, guest_wasm, make_runtime):
     flows = f"""
 flows:
   - name: pr
@@ -201,7 +201,7 @@ def test_healthz_and_metrics(server):
     assert "wasmflow_lease_expiries_total 0.0" in text
 
 
-def test_server_stays_responsive_while_guests_run(tmp_path):
+def test_server_stays_responsive_while_guests_run(tmp_path, make_runtime):
     """Runs execute off the event loop: /healthz answers while every run slot is busy with a long guest."""
     from platform_support import LOOP_WAT
 
@@ -226,7 +226,7 @@ flows:
     runtime.close()
 
 
-def test_extra_route_hooks_mount_the_openai_api_beside_ingress(tmp_path):
+def test_extra_route_hooks_mount_the_openai_api_beside_ingress(tmp_path, make_runtime):
     from wasmflow.platform.app import Platform, default_route_hooks
 
     runtime = make_runtime(tmp_path / "app", "flows: []\n")

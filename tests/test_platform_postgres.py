@@ -3,10 +3,7 @@ one cron tick gives one run, and one scheduler is active at a time (another take
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import sqlalchemy as sa
 from wasmflow.platform.db import open_database
 from wasmflow.platform.store import NewEvent, NewRun, record_event
 
-from platform_support import free_port, pg_url, wait_until, write_wat  # noqa: F401  (pg_url is a fixture)
+from platform_support import WasmflowProcess, free_port, wait_until, write_wat
 
 RUNS = 300
 
@@ -42,25 +39,10 @@ flows:
 """
 
 
-def start_worker(directory: Path, url: str, name: str, metrics_port: int | None = None) -> subprocess.Popen:
-    env = {**os.environ}
-    env.pop("WASMFLOW_DATABASE_URL", None)
-    log = open(directory / f"{name}.log", "wb")
+def start_worker(directory: Path, url: str, name: str, metrics_port: int | None = None) -> WasmflowProcess:
     extra = ["--metrics-port", str(metrics_port)] if metrics_port else []
-    return subprocess.Popen(
-        [sys.executable, "-m", "wasmflow.cli", "worker", "--flows", str(directory / "flows.yaml"),
-         "--database-url", url, "--workers", "3", "--lease", "10", "--log-level", "info", *extra],
-        stdout=log, stderr=log, env=env, cwd=directory)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return WasmflowProcess(directory, ["worker", "--database-url", url, "--workers", "3", "--lease", "10",
+                                       "--log-level", "info", *extra], log_name=f"{name}.log")
 
 
 def test_two_workers_share_the_queue_and_elect_one_scheduler(tmp_path, guest_wasm, pg_url):
@@ -114,7 +96,7 @@ def test_two_workers_share_the_queue_and_elect_one_scheduler(tmp_path, guest_was
         ticks_before = count("SELECT count(*) FROM events WHERE source = 'schedule'")
         wait_until(lambda: count("SELECT count(*) FROM events WHERE source = 'schedule'") >= ticks_before + 2,
                    timeout=20, interval=0.2)
-        stop(workers[follower])
+        workers[follower].stop()
         with db.connect() as conn:
             per_tick = conn.execute(sa.text(
                 "SELECT e.dedupe_key, count(r.id) FROM events e JOIN runs r ON r.event_id = e.id "
@@ -126,18 +108,18 @@ def test_two_workers_share_the_queue_and_elect_one_scheduler(tmp_path, guest_was
         assert attempts_per_run == 1
     finally:
         for proc in workers.values():
-            stop(proc)
+            proc.stop()
         db.dispose()
 
 
-def test_a_worker_hears_of_new_runs_through_notify_not_its_poll(tmp_path, pg_url):
+def test_a_worker_hears_of_new_runs_through_notify_not_its_poll(tmp_path, pg_url, make_runtime):
     """Runs stored by another process wake the dispatcher at once (LISTEN/NOTIFY), long before its poll."""
     from wasmflow.platform.metrics import Metrics
     from wasmflow.platform.queue import Queue
     from wasmflow.platform.store import BatchWriter
     from wasmflow.platform.worker import Dispatcher
 
-    from platform_support import OK_WAT, make_runtime
+    from platform_support import OK_WAT
 
     flows = f"flows:\n  - name: ok\n    module: {write_wat(tmp_path / 'ok.wasm', OK_WAT)}\n"
     runtime = make_runtime(tmp_path / "app", flows, database_url=pg_url)

@@ -14,25 +14,9 @@ from wasmflow.platform import db as dbmod
 from wasmflow.platform.queue import MAX_LEASE_LOSSES, Queue, ReplayError, backoff_delay, replay
 from wasmflow.platform.store import NewEvent, NewRun, record_event
 
-from platform_support import pg_url, scalar  # noqa: F401  (pg_url is a fixture)
+from platform_support import scalar, Clock, db  # noqa: F401  (db: a fixture)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        engine = dbmod.open_database(f"sqlite:///{tmp_path / 'q.db'}")
-    else:
-        engine = dbmod.open_database(request.getfixturevalue("pg_url"))
-    yield engine
-    engine.dispose()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time() + 1  # after the runs the test enqueues (their available_at is the wall clock)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def enqueue(db: sa.Engine, n: int = 1, flow: str = "f", delivery: str | None = None, attempts: int = 3) -> list[str]:

@@ -3,19 +3,15 @@ released (queued again, the attempt not counted) when they would outlast it."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import requests
 import sqlalchemy as sa
 
 from wasmflow.platform.db import open_database
 
-from platform_support import LOOP_WAT, OK_WAT, SECRET, deliver, free_port, wait_until, write_wat
+from platform_support import LOOP_WAT, OK_WAT, WasmflowProcess, deliver, free_port, wait_until, write_wat
 
 # About 0.5 s of work, then success.
 SLOW_OK_WAT = """(module
@@ -36,26 +32,12 @@ flows:
 """
 
 
-def serve(directory: Path, module: Path, grace: float) -> tuple[subprocess.Popen, str]:
+def serve(directory: Path, module: Path, grace: float) -> tuple[WasmflowProcess, str]:
     (directory / "flows.yaml").write_text(FLOWS.format(module=module))
     port = free_port()
-    env = {**os.environ, "GITHUB_WEBHOOK_SECRET": SECRET}
-    env.pop("WASMFLOW_DATABASE_URL", None)
-    log = open(directory / "up.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "wasmflow.cli", "up", "--flows", str(directory / "flows.yaml"), "--port", str(port),
-         "--workers", "2", "--grace", str(grace)], stdout=log, stderr=log, env=env, cwd=directory)
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (directory / "up.log").read_text()
-        try:
-            return requests.get(f"{base}/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_until(healthy, timeout=60, interval=0.1)
-    return proc, base
+    proc = WasmflowProcess(directory, ["up", "--port", str(port), "--workers", "2", "--grace", str(grace)],
+                           log_name="up.log")
+    return proc, proc.wait_healthy(port)
 
 
 def rows(directory: Path) -> list[tuple]:

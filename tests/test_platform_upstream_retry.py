@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from platform_support import SECRET, ServerThread, deliver, make_runtime, scalar, wait_until
+from platform_support import SECRET, ServerThread, deliver, scalar, wait_until
 from wasmflow.platform.app import Options
 
 
-def test_failed_outbound_call_is_retried_as_upstream_until_dead(tmp_path: Path, guest_wasm) -> None:
+def test_failed_outbound_call_is_retried_as_upstream_until_dead(tmp_path: Path, guest_wasm, make_runtime) -> None:
     runtime = make_runtime(tmp_path, f"""
 flows:
   - name: fetch

@@ -105,4 +105,4 @@ def test_status_reports_missing_models(tmp_path: Path) -> None:
     items = {i["name"]: i for i in models.status(tmp_path)}
     assert set(items) == {"gemma3-270m", "all-minilm-l6-v2"}
     assert not items["gemma3-270m"]["ready"] and items["gemma3-270m"]["files"][0]["state"] == "missing"
-    assert json.dumps(items)  # plain data, for the dashboard or an API
+    assert json.loads(json.dumps(items)) == items  # plain data, for the dashboard or an API
