@@ -84,7 +84,8 @@ def describe_trigger(trigger: Trigger) -> str:
         if s.catch_up:
             text += f", catch up {format_duration(s.catch_up)}"
         return text
-    assert trigger.http is not None
+    if trigger.http is None:  # Trigger's validator requires exactly one kind
+        return "no trigger"
     methods = trigger.http.methods
     return "http" if methods == _DEFAULT_METHODS else "http " + " ".join(methods)
 
