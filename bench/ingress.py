@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from wasmflow.build import artifact_path, build  # noqa: E402
-from wasmflow.platform.db import open_database  # noqa: E402
+from wasmflow.storage import open_database  # noqa: E402
 
 SECRET = "bench-secret"
 

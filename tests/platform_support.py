@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from guest_support import write_wat  # noqa: F401  (re-exported: the control-plane tests import it from here)
 from wasmflow.flows.loader import load_flows
-from wasmflow.platform import db as dbmod
+from wasmflow import storage as dbmod
 from wasmflow.flows.model import FlowsFile
 from wasmflow.platform.app import Options, Platform, serve
 from wasmflow.runtime import Runtime

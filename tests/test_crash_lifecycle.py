@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import Retry
-from wasmflow.platform import db as dbmod
+from wasmflow import storage as dbmod
 from wasmflow.platform.queue import Queue
 from wasmflow.platform.store import NewEvent, NewRun, record_event
 from wasmflow.platform.worker import Dispatcher

@@ -26,7 +26,7 @@ from wasmflow.host_functions.config import ConfigCapability
 from wasmflow.host_functions.kv import KeyValueCapability, KeyValueStore
 from wasmflow.host_functions.llm import LlmCapability
 from wasmflow.host_functions.spec import Call, Capability, Code, Event, RunContext, invoke
-from wasmflow.platform.db import open_database
+from wasmflow.storage import open_database
 
 
 def call_raw(cap: Capability, name: str, run: RunContext, mem: Memory, *args: Any) -> int:

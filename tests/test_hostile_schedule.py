@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from wasmflow.flows import FlowsError, load_flows
 from wasmflow.flows.cli_commands import validate_command
 from wasmflow.flows.model import Flow, FlowsFile, ScheduleTrigger, Trigger
-from wasmflow.platform import db as dbmod
+from wasmflow import storage as dbmod
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.scheduler import Scheduler
 from wasmflow.platform.store import list_events

@@ -20,7 +20,7 @@ from wasmflow.engine import Status
 from wasmflow.flows.model import FlowsFile
 from wasmflow.host_functions.kv import KeyValueStore, KvValueError
 from wasmflow.host_functions.spec import Event
-from wasmflow.platform.db import open_database
+from wasmflow.storage import open_database
 from wasmflow.runtime import Runtime
 
 I64_MAX = 2**63 - 1

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from wasmflow.host_functions.kv import KeyValueStore
-from wasmflow.platform.db import open_database
+from wasmflow.storage import open_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -58,3 +58,26 @@ def test_concurrent_writers_to_one_key_never_fail(store):
         t.join()
     assert errors == []
     assert kv.get(flow, "hot").endswith(b":19")
+
+
+def test_kv_owns_its_table_even_when_the_database_was_opened_before_kv_was_imported(tmp_path):
+    """Storage knows no capability: `kv` registers its table, and creates it when a store opens on a database
+    opened before the capability was imported (a fresh interpreter, so nothing is imported yet)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, sqlalchemy as sa\n"
+        "from wasmflow.storage import open_database\n"
+        "db = open_database(sys.argv[1])\n"
+        "assert 'wasmflow.host_functions.kv' not in sys.modules\n"
+        "print(sa.inspect(db).has_table('kv'))\n"
+        "from wasmflow.host_functions.kv import KeyValueStore\n"
+        "kv = KeyValueStore(db)\n"
+        "kv.set('f', 'k', b'v')\n"
+        "print(sa.inspect(db).has_table('kv'), kv.get('f', 'k'))\n"
+    )
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    proc = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["False", "True b'v'"]

@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai", reason="the tests use the openai package 
 
 from aiohttp import web  # noqa: E402
 
-from wasmflow.platform.openai_api import add_openai_routes  # noqa: E402
+from wasmflow.wasi_nn.openai_api import add_openai_routes  # noqa: E402
 from wasmflow.wasi_nn import ModelRegistry, parse_preload  # noqa: E402
 from wasmflow.wasi_nn.testmodels import write_tiny_llama  # noqa: E402
 

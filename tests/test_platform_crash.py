@@ -21,7 +21,7 @@ from typing import Optional
 import requests
 import sqlalchemy as sa
 
-from wasmflow.platform.db import open_database
+from wasmflow.storage import open_database
 
 from platform_support import WasmflowProcess, deliver, free_port, wait_until
 

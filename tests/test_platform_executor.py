@@ -19,7 +19,7 @@ import requests
 
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.host_functions.spec import Event
-from wasmflow.platform import db as dbmod
+from wasmflow import storage as dbmod
 from wasmflow.platform.app import Options
 from wasmflow.platform.executor import execute
 from wasmflow.platform.queue import ClaimedRun, Queue

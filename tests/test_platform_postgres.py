@@ -10,7 +10,7 @@ from pathlib import Path
 import requests
 import sqlalchemy as sa
 
-from wasmflow.platform.db import open_database
+from wasmflow.storage import open_database
 from wasmflow.platform.store import NewEvent, NewRun, record_event
 
 from platform_support import WasmflowProcess, free_port, wait_until, write_wat

@@ -10,9 +10,10 @@ import sqlalchemy as sa
 
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import Flow, FlowsFile, Retry
-from wasmflow.platform import db as dbmod
 from wasmflow.platform.queue import MAX_LEASE_LOSSES, Queue, ReplayError, backoff_delay, replay
 from wasmflow.platform.store import NewEvent, NewRun, record_event
+from wasmflow.storage import migrations as dbmod
+from wasmflow.storage import open_database
 
 from platform_support import scalar, Clock, db  # noqa: F401  (db: a fixture)
 
@@ -204,7 +205,7 @@ def test_schema_is_versioned_and_a_newer_schema_is_refused(db):
 
 
 def test_pending_migrations_run_once_in_order(tmp_path, monkeypatch):
-    engine = dbmod.open_database(f"sqlite:///{tmp_path / 'm.db'}")
+    engine = open_database(f"sqlite:///{tmp_path / 'm.db'}")
     applied = []
 
     following = dbmod.SCHEMA_VERSION + 1

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from wasmflow.flows.model import Flow, FlowsFile
-from wasmflow.platform import db as dbmod
+from wasmflow import storage as dbmod
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.scheduler import Scheduler
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from wasmflow.platform.db import open_database
+from wasmflow.storage import open_database
 
 from platform_support import LOOP_WAT, OK_WAT, WasmflowProcess, deliver, free_port, wait_until, write_wat
 

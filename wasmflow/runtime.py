@@ -19,7 +19,7 @@ from wasmflow.engine import Engine, LoadedModule, ModuleError, RunRequest, RunRe
 from wasmflow.flows.model import Flow, FlowsFile
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.spec import Capability, Event
-from wasmflow.platform.db import default_url, open_database
+from wasmflow.storage import default_url, open_database
 
 log = logging.getLogger("wasmflow.runtime")
 

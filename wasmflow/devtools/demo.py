@@ -132,7 +132,7 @@ def send(base: str, secret: str, event: str, payload: dict[str, Any]) -> str:
 
 
 def wait_runs(db_url: str, count: int, timeout: float) -> list[Any]:
-    from wasmflow.platform.db import open_database
+    from wasmflow.storage import open_database
     from wasmflow.platform.store import list_runs
 
     db = open_database(db_url)
@@ -150,7 +150,7 @@ def wait_runs(db_url: str, count: int, timeout: float) -> list[Any]:
 
 
 def run_output(db_url: str, run_id: str) -> dict[str, Any]:
-    from wasmflow.platform.db import open_database
+    from wasmflow.storage import open_database
     from wasmflow.platform.store import get_run
 
     db = open_database(db_url)

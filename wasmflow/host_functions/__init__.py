@@ -25,7 +25,7 @@ class Host:
     @classmethod
     def default(cls, db=None, state_dir: Optional[Path] = None, extra: Iterable[Capability] = ()) -> "Host":  # type: ignore[no-untyped-def]
         """The standard capabilities over the given database (SQLite in `state_dir` if none)."""
-        from wasmflow.platform.db import default_url, open_database
+        from wasmflow.storage import default_url, open_database
 
         from .config import ConfigCapability
         from .core import CoreCapability

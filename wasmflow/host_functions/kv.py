@@ -18,9 +18,20 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from wasmflow.platform.db import kv_table
+from wasmflow.storage.migrations import migrate
+from wasmflow.storage.schema import metadata
 
 from .spec import Call, Capability, Code, HostError, HostFunction, check_range, read_str, write_result
+
+# The capability's own table, registered into the shared schema: opening a database creates it.
+kv_table = sa.Table(
+    "kv",
+    metadata,
+    sa.Column("flow", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(512), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 
 MAX_KEY = 512
 MAX_VALUE = 1024 * 1024
@@ -74,6 +85,8 @@ class KeyValueStore:
 
     def __init__(self, db: sa.Engine) -> None:
         self.db = db
+        # The database may have been opened before this module registered `kv`: create it now (idempotent).
+        migrate(db)
         # One statement per write (INSERT ... ON CONFLICT DO UPDATE, which SQLite and PostgreSQL share):
         # a single round trip, and concurrent writers cannot race between an UPDATE and an INSERT.
         dialect = {"postgresql": postgresql, "sqlite": sqlite}[db.dialect.name]
@@ -112,8 +125,25 @@ class KeyValueStore:
         if not I64_MIN <= delta <= I64_MAX:
             raise KvValueError(f"the increment {delta} is outside the 64-bit range")
         params = {"p_flow": flow, "p_key": key, "p_initial": str(delta).encode(), "p_delta": delta, "p_now": time.time()}
-        with self.db.begin() as conn:
-            row = conn.execute(self._increment, params).first()
+        if self.db.dialect.name == "sqlite":
+            # The hot path of a counting guest: the same one statement and commit on the pooled DBAPI
+            # connection, without SQLAlchemy's per-execution bookkeeping (most of the call's cost).
+            raw = self.db.raw_connection()
+            try:
+                cursor = raw.cursor()
+                try:
+                    row = cursor.execute(_INCREMENT_SQL["sqlite"], params).fetchone()
+                finally:
+                    cursor.close()
+                raw.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+            finally:
+                raw.close()
+        else:
+            with self.db.begin() as conn:
+                row = conn.execute(self._increment, params).first()
         if row is not None:
             return int(bytes(row[0]))
         current = self.get(flow, key) or b""

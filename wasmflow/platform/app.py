@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from aiohttp import web
 
@@ -28,10 +28,11 @@ from wasmflow.platform.queue import Queue
 from wasmflow.platform.scheduler import Election, PostgresElection, Scheduler
 from wasmflow.platform.store import BatchWriter
 from wasmflow.platform.worker import Dispatcher, worker_name
+from wasmflow.runtime import Runtime
 
 log = logging.getLogger("wasmflow.platform")
 
-RouteHook = Callable[[web.Application, Any], None]
+RouteHook = Callable[[web.Application, Runtime], None]
 
 
 class PlatformError(Exception):
@@ -61,14 +62,14 @@ class _Elected(Election):
         return True
 
 
-def _sqlite_path(runtime: Any) -> Optional[Path]:
+def _sqlite_path(runtime: Runtime) -> Optional[Path]:
     url = runtime.db.url
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return None
     return Path(url.database)
 
 
-def webhook_secret(runtime: Any) -> Optional[str]:
+def webhook_secret(runtime: Runtime) -> Optional[str]:
     """flows.yaml's `github.webhook_secret`, else $GITHUB_WEBHOOK_SECRET (for flows without a GitHub App)."""
     github = getattr(runtime.flows, "github", None)
     if github is not None and github.webhook_secret:
@@ -77,7 +78,7 @@ def webhook_secret(runtime: Any) -> Optional[str]:
 
 
 class Platform:
-    def __init__(self, runtime: Any, options: Optional[Options] = None) -> None:
+    def __init__(self, runtime: Runtime, options: Optional[Options] = None) -> None:
         self.runtime = runtime
         self.options = options or Options()
         self.db = runtime.db
@@ -200,11 +201,11 @@ def default_route_hooks() -> list[RouteHook]:
     """
     hooks: list[RouteHook] = []
     try:
-        from wasmflow.platform.openai_api import add_openai_routes
+        from wasmflow.wasi_nn.openai_api import add_openai_routes
     except ImportError:
         return hooks
 
-    def openai_routes(app: web.Application, runtime: Any) -> None:
+    def openai_routes(app: web.Application, runtime: Runtime) -> None:
         try:
             registry = runtime.host.capability("nn").registry
         except KeyError:

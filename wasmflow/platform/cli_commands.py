@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from wasmflow.cli_support import STATUS_STYLE, flows_path_option, load_runtime, resolve_flows_path
 from wasmflow.terminal import GuestSafeFormatter, clean, guest_text
 
 # Tables are read in terminals and in CI logs alike: outside a terminal, do not squeeze them into 80 columns.
@@ -29,13 +30,6 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False)
 
 STATE_STYLE = {"done": "green", "dead": "red", "queued": "cyan", "running": "yellow", "waiting": "dim"}
-STATUS_STYLE = {"ok": "green", "error": "red", "trap": "red", "timeout": "yellow", "oom": "magenta",
-                "denied": "red", "invalid": "red", "lost": "red", "upstream": "yellow"}
-
-
-def _flows_option(f):  # type: ignore[no-untyped-def]
-    return click.option("--flows", "flows_path", type=click.Path(path_type=Path), default=None,
-                        help="flows.yaml to use (default: $WASMFLOW_FLOWS or ./flows.yaml)")(f)
 
 
 def _db_option(f):  # type: ignore[no-untyped-def]
@@ -52,8 +46,7 @@ def _setup_logging(level: str) -> None:
 
 def _open_store(flows_path: Optional[Path], database_url: Optional[str]) -> sa.Engine:
     """The database of flows.yaml's state directory (or --database-url), without building a Runtime."""
-    from wasmflow.cli import resolve_flows_path
-    from wasmflow.platform.db import default_url, open_database
+    from wasmflow.storage import default_url, open_database
 
     if database_url:
         return open_database(database_url)
@@ -91,7 +84,7 @@ _serve_options = [
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
                  show_default=True),
     _db_option,
-    _flows_option,
+    flows_path_option,
 ]
 
 
@@ -112,7 +105,6 @@ def _apply(options):  # type: ignore[no-untyped-def]
 def up_command(host: str, port: int, max_body: int, workers: int, lease: float, grace: float,
                engine: Optional[str], log_level: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
     """Serve webhooks, HTTP triggers, schedules and workers in one process (SQLite by default)."""
-    from wasmflow.cli import load_runtime
     from wasmflow.platform.app import Platform, PlatformError, default_route_hooks
     from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform
 
@@ -160,7 +152,6 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
                    database_url: Optional[str], flows_path: Optional[Path], no_scheduler: bool,
                    metrics_port: Optional[int], metrics_host: str) -> None:
     """Execute queued runs (and run the scheduler if elected) from a shared PostgreSQL store."""
-    from wasmflow.cli import load_runtime
     from wasmflow.platform.app import Platform, PlatformError
     from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform
 
@@ -205,7 +196,7 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
 @click.option("--status", default=None, help="queued, running, done, dead, waiting, or an outcome (ok, trap...)")
 @click.option("--limit", type=click.IntRange(1, 10000), default=30, show_default=True)
 @_db_option
-@_flows_option
+@flows_path_option
 def runs_command(flow: Optional[str], status: Optional[str], limit: int, database_url: Optional[str],
                  flows_path: Optional[Path]) -> None:
     """List runs, newest first."""
@@ -234,7 +225,7 @@ def runs_command(flow: Optional[str], status: Optional[str], limit: int, databas
 @click.command("logs")
 @click.argument("run_id")
 @_db_option
-@_flows_option
+@flows_path_option
 def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
     """Show a run: its attempts, logs, stdout/stderr, output and error (RUN may be an id prefix)."""
     from wasmflow.platform.store import decode_logs, get_attempts, get_event, get_run
@@ -290,7 +281,7 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
 @click.option("--source", type=click.Choice(["github", "schedule", "http"]), default=None)
 @click.option("--limit", type=click.IntRange(1, 10000), default=30, show_default=True)
 @_db_option
-@_flows_option
+@flows_path_option
 def events_command(source: Optional[str], limit: int, database_url: Optional[str], flows_path: Optional[Path]) -> None:
     """List received events, newest first, with how many runs each started (or why none)."""
     from wasmflow.platform.store import list_events
@@ -312,7 +303,7 @@ def events_command(source: Optional[str], limit: int, database_url: Optional[str
 @click.command("replay")
 @click.argument("ref")
 @_db_option
-@_flows_option
+@flows_path_option
 def replay_command(ref: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
     """Run again a run (REF = run id) or every flow of a GitHub delivery (REF = X-GitHub-Delivery).
 
@@ -322,7 +313,6 @@ def replay_command(ref: str, database_url: Optional[str], flows_path: Optional[P
 
     flows = None
     try:
-        from wasmflow.cli import resolve_flows_path
         from wasmflow.flows.loader import load_flows
 
         flows = load_flows(resolve_flows_path(flows_path)).file

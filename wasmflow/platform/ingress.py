@@ -38,6 +38,7 @@ from wasmflow.platform.matching import GithubEventInfo, match_github
 from wasmflow.platform.metrics import CONTENT_TYPE_LATEST, Metrics
 from wasmflow.platform.queue import ClaimedRun, Finish, Outcome, Queue
 from wasmflow.platform.store import RUNNING, BatchWriter, NewEvent, NewRun, queue_depth
+from wasmflow.runtime import Runtime
 
 log = logging.getLogger("wasmflow.ingress")
 
@@ -126,7 +127,7 @@ class Ingress:
     database reads for /metrics and /healthz. Event writes go through the `writer` thread.
     """
 
-    def __init__(self, runtime: Any, writer: BatchWriter, queue: Queue, metrics: Metrics, run_pool: Executor,
+    def __init__(self, runtime: Runtime, writer: BatchWriter, queue: Queue, metrics: Metrics, run_pool: Executor,
                  db_pool: Executor, webhook_secret: Optional[str], max_body: int = DEFAULT_MAX_BODY,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
         self.runtime = runtime

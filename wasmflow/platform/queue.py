@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
 from wasmflow.host_functions.spec import Event
-from wasmflow.platform.db import attempts_table, events_table, runs_table
+from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.platform.notify import notify_new_runs
 from wasmflow.platform.store import DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun, encode_logs, new_id, run_row
 

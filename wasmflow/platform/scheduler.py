@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from croniter import CroniterError, croniter
 
 from wasmflow.flows.model import FlowsFile
-from wasmflow.platform.db import runs_table, schedule_state_table
+from wasmflow.storage.schema import runs_table, schedule_state_table
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.notify import notify_new_runs
 from wasmflow.platform.store import QUEUED, RUNNING, WAITING, NewEvent, NewRun, insert_ignore, record_event

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import sqlalchemy as sa
 
-from wasmflow.platform.db import attempts_table, events_table, runs_table
+from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.platform.notify import notify_new_runs
 
 log = logging.getLogger("wasmflow.store")

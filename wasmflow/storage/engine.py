@@ -1,0 +1,45 @@
+"""Opening the database: SQLite (WAL) in the state directory by default, PostgreSQL by URL when
+several workers share one store. Shared by the store, the queue and the key-value capability.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+
+from .migrations import migrate
+
+
+def default_url(state_dir: Path) -> str:
+    """`WASMFLOW_DATABASE_URL` if set, else a SQLite file in the state directory."""
+    url = os.environ.get("WASMFLOW_DATABASE_URL")
+    if url:
+        return url
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(state_dir / 'wasmflow.db').resolve()}"
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def open_database(url: str) -> sa.Engine:
+    """Open (and create or migrate) the database at `url`."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite"):
+        # Every worker thread, the ingress writer and the kv capability may each hold a connection.
+        pool = {} if url in ("sqlite://", "sqlite:///:memory:") else {"pool_size": 20, "max_overflow": 40}
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
+        sa_event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    migrate(engine)
+    return engine

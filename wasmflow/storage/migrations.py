@@ -1,0 +1,71 @@
+"""Versioned schema migrations: create what is missing, bring what exists to `SCHEMA_VERSION`.
+
+The schema is created by the program: a user never runs SQL by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import sqlalchemy as sa
+
+from .schema import metadata
+
+log = logging.getLogger("wasmflow.db")
+
+schema_version_table = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+# Versioned migrations: `create_all` creates missing tables; each later change to an existing table is one
+# function here, keyed by the version it brings the schema to. A fresh database starts at SCHEMA_VERSION.
+
+def _add_run_executions(conn: sa.Connection) -> None:
+    """Version 2: `runs.executions`; a run stored before has been executed at least `attempt` times."""
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN executions INTEGER NOT NULL DEFAULT 0"))
+    conn.execute(sa.text("UPDATE runs SET executions = attempt"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _add_run_executions}
+SCHEMA_VERSION = max([1, *MIGRATIONS])
+
+
+_MIGRATION_LOCK = 0x77666D6967  # pg_advisory_xact_lock key: one process migrates at a time
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Create missing tables and apply pending migrations; returns the schema version.
+
+    Several processes may start at once (workers on PostgreSQL), so the whole step runs under a
+    transaction-scoped advisory lock there; on SQLite the write lock taken by DDL serialises it, and a
+    concurrent creator losing the race just retries.
+    """
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+                metadata.create_all(conn)
+                current = conn.execute(sa.select(sa.func.max(schema_version_table.c.version))).scalar()
+                if current is None:
+                    conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION, applied_at=time.time()))
+                    return SCHEMA_VERSION
+                if current > SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"the database schema is version {current}, newer than this wasmflow ({SCHEMA_VERSION}); "
+                        "upgrade wasmflow")
+                for version in sorted(v for v in MIGRATIONS if v > current):
+                    log.info("migrating the database schema to version %d", version)
+                    MIGRATIONS[version](conn)
+                    conn.execute(schema_version_table.insert().values(version=version, applied_at=time.time()))
+                return max(current, SCHEMA_VERSION)
+        except (sa.exc.OperationalError, sa.exc.IntegrityError):  # lost a creation race: look again
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
