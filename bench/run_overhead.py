@@ -4,13 +4,15 @@ The baseline is what a process-per-event platform pays: fork+exec of a small nat
 here with cc) that does the same work as the guest (read the event, bump a counter kept on disk, write
 JSON). Both are measured in the same run on the same machine.
 
-    .venv/bin/python bench/run_overhead.py [--runs 2000]
+    .venv/bin/python bench/run_overhead.py [--runs 2000] [--profile FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import subprocess
 import sys
@@ -44,6 +46,29 @@ int main(int argc, char **argv) {
 """
 
 
+# The first run of a new process with the on-disk module cache warm: engine, module load and the run
+# (the imports are start-up, done before the clock starts).
+FIRST_RUN = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from wasmflow.flows.model import Flow, FlowsFile
+from wasmflow.host_functions.spec import Event
+from wasmflow.runtime import Runtime
+import wasmflow.engine.wasmtime_engine  # noqa: F401  (importing wasmtime, ~20 ms, is process start-up)
+tmpdir = Path(sys.argv[3])
+flow = Flow(name="hello", module=sys.argv[2], allow={"kv": True}, config={"greeting": "Hello"})
+runtime = Runtime(FlowsFile(flows=[flow], state_dir=str(tmpdir / "state")), tmpdir)
+event = Event("pull_request", b'{"action": "opened", "sender": {"login": "octocat"}}')
+t = time.perf_counter()
+result = runtime.run("hello", event)
+elapsed = (time.perf_counter() - t) * 1000
+assert result.ok, result.error
+runtime.close()
+print(elapsed)
+"""
+
+
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
     ordered = sorted(samples)
     return (statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1], statistics.mean(ordered))
@@ -52,6 +77,8 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--profile", metavar="FILE", help="profile the measured runs with cProfile, write the stats "
+                        "to FILE and print the top costs (timings then include the profiler's overhead)")
     args = parser.parse_args()
     console = Console()
     workspace = ROOT / "guest-examples"
@@ -66,16 +93,25 @@ def main() -> None:
         result = runtime.run("hello", event)  # compile + cache
         assert result.ok, result.error
         wasm_ms = []
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
         for _ in range(args.runs):
             t = time.perf_counter()
             result = runtime.run("hello", event)
             wasm_ms.append((time.perf_counter() - t) * 1000)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+            pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
         assert result.ok, result.error
-        cold = Runtime(FlowsFile(flows=[flow], state_dir=str(tmpdir / "state")), tmpdir)
-        t = time.perf_counter()
-        cold.run("hello", event)
-        cached_load_ms = (time.perf_counter() - t) * 1000
-        cold.close()
+        # In a new process, as a restarted worker sees it: in this one, the garbage of the runs above
+        # makes a collection land in the measured run and adds milliseconds a new process never pays.
+        cached_load_ms = statistics.median(
+            float(subprocess.run([sys.executable, "-c", FIRST_RUN, str(ROOT), str(wasm), str(tmpdir)], check=True,
+                                 capture_output=True, text=True).stdout)
+            for _ in range(3)
+        )
         runtime.close()
 
         src = tmpdir / "native.c"
@@ -98,9 +134,10 @@ def main() -> None:
     table.add_row("wasmflow run (wasmtime, fresh instance, kv in SQLite)", *(f"{x:.3f}" for x in w))
     table.add_row("baseline: spawn native process (same work)", *(f"{x:.3f}" for x in n))
     console.print(table)
-    console.print(f"ratio native/wasmflow at p50: [bold]{n[0] / w[0]:.1f}x[/bold] "
-                  f"(goal: p50 < 1 ms; got {w[0]:.3f} ms)")
-    console.print(f"first run in a new process with the on-disk module cache warm: {cached_load_ms:.1f} ms")
+    console.print(f"ratio native/wasmflow at p50: [bold]{n[0] / w[0]:.1f}x[/bold]; wasmflow/native "
+                  f"[bold]{w[0] / n[0]:.2f}[/bold] (goal: <= 0.25)")
+    console.print(f"first run in a new process with the on-disk module cache warm (median of 3): {cached_load_ms:.1f} ms "
+                  "(goal: <= 3 ms)")
     console.print(f"module size: {wasm.stat().st_size:,} bytes ({wasm.name})")
 
 

@@ -9,7 +9,9 @@ is stopped.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
+import functools
 import logging
 import math
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import wasmtime
+from wasmtime import _ffi as ffi
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
@@ -39,19 +42,29 @@ _current = threading.local()  # the RunContext of the run executing on this thre
 
 class _CallerMemory(BoundedMemory):
     """GuestMemory over the calling instance's exported `memory`, valid for one host call; the bounds
-    rule is BoundedMemory's, this supplies only the raw size and copies."""
+    rule is BoundedMemory's, this supplies only the raw size and copies.
 
-    __slots__ = ("_caller", "_mem")
+    It works on the raw C handles (the caller's store context and the memory's export record): the
+    wrappers of wasmtime-py allocate several objects per access, which cost more than the host call.
+    Base and size are read once per call: the guest is suspended, so its memory cannot grow meanwhile."""
 
-    def __init__(self, caller: wasmtime.Caller, mem: wasmtime.Memory | None) -> None:
-        self._caller = caller
-        self._mem = mem
+    __slots__ = ("_context", "_mem", "_size", "_addr")
+
+    def __init__(self, context: Any, mem: Any) -> None:
+        self._context = context
+        self._mem = mem  # byref(wasmtime_memory_t), or None for a guest without a memory export
+        self._size = -1
+        self._addr = 0
 
     def size(self) -> int:
-        return self._mem.data_len(self._caller) if self._mem is not None else 0
+        if self._size < 0:
+            self._size = _memory_size(self._context, self._mem) if self._mem is not None else 0
+        return self._size
 
     def _base(self) -> int:
-        return ctypes.addressof(self._mem.data_ptr(self._caller).contents)  # type: ignore[union-attr]
+        if not self._addr:
+            self._addr = _memory_data(self._context, self._mem) or 0
+        return self._addr
 
     def _load(self, ptr: int, length: int) -> bytes:
         return ctypes.string_at(self._base() + ptr, length)
@@ -60,18 +73,86 @@ class _CallerMemory(BoundedMemory):
         ctypes.memmove(self._base() + ptr, data, len(data))
 
 
-def adapt(fn: HostFunction) -> Callable[..., int]:
-    """Wrap an engine-neutral body for wasmtime: find the run, give it memory, let `invoke` do the rest."""
+def _raw_function(name: str, restype: Any, argtypes: list[Any]) -> Any:
+    """A private handle on one C function of wasmtime, typed for the hot path (an address as an int,
+    not a ctypes pointer to cast), leaving wasmtime-py's own handle untouched."""
+    function = type(getattr(ffi.dll, name))((name, ffi.dll))
+    function.restype, function.argtypes = restype, argtypes
+    return function
 
-    def call(caller: wasmtime.Caller, *args: int) -> int:
-        run: RunContext | None = getattr(_current, "run", None)
-        if run is None:  # cannot happen for guests started by run(); refuse rather than crash
-            return int(Code.INTERNAL)
-        mem = run.state.get("_memory")
-        if mem is None:  # looked up once per run: the export handle stays valid for the instance
-            mem = caller.get("memory")
-            run.state["_memory"] = mem = mem if isinstance(mem, wasmtime.Memory) else False
-        return invoke(fn, Call(_CallerMemory(caller, mem or None), run), args)
+
+_memory_size = _raw_function("wasmtime_memory_data_size", ctypes.c_size_t,
+                             [ctypes.POINTER(ffi.wasmtime_context_t), ctypes.POINTER(ffi.wasmtime_memory_t)])
+_memory_data = _raw_function("wasmtime_memory_data", ctypes.c_void_p,
+                             [ctypes.POINTER(ffi.wasmtime_context_t), ctypes.POINTER(ffi.wasmtime_memory_t)])
+_caller_context = _raw_function("wasmtime_caller_context", ctypes.POINTER(ffi.wasmtime_context_t),
+                                [ctypes.POINTER(ffi.wasmtime_caller_t)])
+_MEMORY = b"memory"
+
+
+def _memory_of(caller: Any) -> Any:
+    """byref of the caller instance's exported memory, or None: looked up once per run (the export
+    record stays valid for the store)."""
+    item = ffi.wasmtime_extern_t()
+    if not ffi.wasmtime_caller_export_get(caller, _MEMORY, len(_MEMORY), ctypes.byref(item)):
+        return None
+    if item.kind != ffi.WASMTIME_EXTERN_MEMORY.value:
+        ffi.wasmtime_extern_delete(ctypes.byref(item))
+        return None
+    return ctypes.byref(item.of.memory)
+
+
+def _trap(message: str) -> int:
+    data = message.encode("utf-8", errors="replace")
+    return ctypes.cast(ffi.wasmtime_trap_new(data, len(data)), ctypes.c_void_p).value or 0
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_reader(fields: tuple[str, ...]) -> Callable[[Any], tuple[int, ...]]:
+    """`read(slots)`: the raw argument slots of one signature as a tuple, compiled once (no loop)."""
+    getters = "".join(f"slots[{i}].{f}, " for i, f in enumerate(fields))
+    namespace: dict[str, Any] = {}
+    exec(f"def read(slots):\n    return ({getters})\n", namespace)  # noqa: S102
+    return namespace["read"]
+
+
+def adapt(fn: HostFunction) -> Callable[..., int]:
+    """Wrap an engine-neutral body as a raw ("unchecked") wasmtime callback: find the run, give it
+    memory, let `invoke` do the rest, and write the code into the result slot.
+
+    The raw form skips wasmtime-py's trampoline, which builds a `Caller` and a `Val` per argument and
+    compares types on every call; the linker has already checked the signature, so the raw slots hold
+    exactly `fn.wasm_params`. `Halt` (and anything `invoke` lets through) becomes a trap; `_execute`
+    re-raises what is not a `Halt`, and a halted run's status comes from `RunContext.halted`.
+    """
+    fields = tuple(fn.wasm_params)
+    if len(fn.results) > 1:
+        raise ValueError(f"{fn.module}::{fn.name}: host functions return at most one value")
+    result = fn.results[0] if fn.results else None
+    nargs = len(fields)
+    read = _slot_reader(fields)
+
+    def call(_env: Any, caller: Any, slots: Any, _n: int) -> int:
+        try:
+            run: RunContext | None = getattr(_current, "run", None)
+            if run is None:  # cannot happen for guests started by run(); refuse rather than crash
+                if result is not None:
+                    setattr(slots[0], result, int(Code.INTERNAL))
+                return 0
+            state = run.state
+            mem = state.get("_memory", _MEMORY)
+            if mem is _MEMORY:
+                state["_memory"] = mem = _memory_of(caller)
+            args = read(slots) if nargs else ()
+            code = invoke(fn, Call(_CallerMemory(_caller_context(caller), mem), run), args)
+            if result is not None:
+                setattr(slots[0], result, code)
+            return 0
+        except Halt as exc:
+            return _trap(exc.reason)
+        except BaseException as exc:  # noqa: BLE001  (a callback must not raise into C)
+            _current.raised = exc
+            return _trap(f"host function {fn.module}::{fn.name} raised {type(exc).__name__}")
 
     return call
 
@@ -99,19 +180,32 @@ class WasmtimeEngine:
         # compiles even if that check were bypassed.
         config.wasm_multi_memory = False
         self.engine = wasmtime.Engine(config)
-        self.version = package_version("wasmtime")
+        self.version = _wasmtime_version()
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
+        self._callbacks: list[Any] = []
+        types: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}  # the linker copies them
         for fn in host.functions():
-            ty = wasmtime.FuncType(
-                [getattr(wasmtime.ValType, t)() for t in fn.wasm_params],
-                [getattr(wasmtime.ValType, t)() for t in fn.results],
-            )
-            self.linker.define_func(fn.module, fn.name, ty, adapt(fn), access_caller=True)
+            signature = (tuple(fn.wasm_params), tuple(fn.results))
+            ty = types.get(signature)
+            if ty is None:  # a few signatures serve dozens of functions: built once each (first-run cost)
+                ty = types[signature] = wasmtime.FuncType(
+                    [getattr(wasmtime.ValType, t)() for t in fn.wasm_params],
+                    [getattr(wasmtime.ValType, t)() for t in fn.results],
+                )
+            callback = ffi.wasmtime_func_unchecked_callback_t(adapt(fn))
+            self._callbacks.append(callback)  # the C side keeps only the pointer
+            module_name, func_name = fn.module.encode(), fn.name.encode()
+            error = ffi.wasmtime_linker_define_func_unchecked(
+                self.linker.ptr(), module_name, len(module_name), func_name, len(func_name), ty.ptr(),
+                callback, None, _no_finalizer)
+            if error:
+                raise wasmtime.WasmtimeError._from_ptr(error)
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="wasmtime-epoch", daemon=True)
-        self._ticker.start()
+        # A bare thread: `threading.Thread.start` waits until the new thread runs, which under load
+        # cost a first run milliseconds; the ticker needs no join and dies with the process.
+        _thread.start_new_thread(self._tick, ())
 
     def _tick(self) -> None:
         while not self._stop.wait(EPOCH_MS / 1000.0):
@@ -174,8 +268,7 @@ class WasmtimeEngine:
         try:
             wasi = wasmtime.WasiConfig()
             args = flow.args if request.args is None else request.args
-            wasi.argv = [flow.name, *args]
-            wasi.env = list((wasi_env(flow) if request.env is None else request.env).items())
+            _set_argv_env(wasi, (flow.name, *args), wasi_env(flow) if request.env is None else request.env)
             if request.inherit_stdio:
                 wasi.inherit_stdout()
                 wasi.inherit_stderr()
@@ -222,7 +315,7 @@ class WasmtimeEngine:
             ctx.state["_instance"] = instance
             t1 = time.perf_counter()
             result.instantiate_ms = (t1 - t0) * 1000
-            start = instance.exports(store)["_start"]
+            start = _export_func(store, instance, b"_start")
             try:
                 start(store)
             finally:
@@ -246,8 +339,45 @@ class WasmtimeEngine:
         finally:
             _current.run = None
             self.host.close_run(ctx)
+        raised = getattr(_current, "raised", None)
+        if raised is not None:  # what a host callback could not raise through C
+            _current.raised = None
+            raise raised
         if ctx.halted is not None:  # whatever unwound the guest, the limit it hit decides the status
             result.status, result.error = Status(ctx.halted[0]), ctx.halted[1]
+
+
+@functools.lru_cache(maxsize=512)
+def _char_array(strings: tuple[str, ...]) -> Any:
+    """A C array of the UTF-8 strings, built once per distinct list: the same flow passes the same argv
+    and environment on every run. The array owns its buffers; wasmtime copies them."""
+    array = (ctypes.c_char_p * len(strings))(*(s.encode("utf-8") for s in strings))
+    return ctypes.cast(array, ctypes.POINTER(ctypes.POINTER(ctypes.c_char)))
+
+
+def _set_argv_env(wasi: wasmtime.WasiConfig, argv: tuple[str, ...], env: dict[str, str]) -> None:
+    """`wasi.argv = ...; wasi.env = ...` without re-encoding the same strings on every run."""
+    names, values = tuple(env), tuple(env.values())
+    if not ffi.wasi_config_set_argv(wasi.ptr(), len(argv), _char_array(argv)):
+        raise wasmtime.WasmtimeError("failed to configure argv")
+    if not ffi.wasi_config_set_env(wasi.ptr(), len(names), _char_array(names), _char_array(values)):
+        raise wasmtime.WasmtimeError("failed to configure environment")
+
+
+def _export_func(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> wasmtime.Func:
+    """One exported function by name: `instance.exports(store)` wraps every export, which costs more
+    than a short run; `load` has checked that `_start` exists and is a function."""
+    item = ffi.wasmtime_extern_t()
+    found = ffi.wasmtime_instance_export_get(store._context(), ctypes.byref(instance._instance), name, len(name),
+                                             ctypes.byref(item))
+    if not found or item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
+        raise wasmtime.WasmtimeError(f"the module has no {name.decode()} function")
+    return wasmtime.Func._from_raw(item.of.func)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _no_finalizer(_env: Any) -> None:
+    return None
 
 
 def _write_process_stdout(data: bytes) -> int:
@@ -264,6 +394,12 @@ def result_memory(store: wasmtime.Store, ctx: RunContext) -> int:
         return mem.data_len(store) if isinstance(mem, wasmtime.Memory) else 0
     except Exception:
         return 0
+
+
+@functools.lru_cache(maxsize=1)
+def _wasmtime_version() -> str:
+    """wasmtime-py's version (it keys the module cache), read from package metadata once per process."""
+    return package_version("wasmtime")
 
 
 def _first_line(exc: BaseException) -> str:
