@@ -2,8 +2,8 @@
 //!
 //! Use the macros [`trace!`](crate::trace!), [`debug!`](crate::debug!), [`info!`](crate::info!),
 //! [`warn!`](crate::warn!) and [`error!`](crate::error!): they take `format!` arguments and never fail
-//! the agent (a log the host refuses, e.g. past 10,000 lines, is dropped). [`write()`] returns the
-//! host's answer for code that cares.
+//! the agent (a log the host refuses, e.g. past the flow's `limits.log_lines`, 1,000 by default, is
+//! dropped). [`write()`] returns the host's answer for code that cares.
 
 use crate::error::check;
 use crate::{sys, Result};
