@@ -25,6 +25,7 @@ from wasmflow.flows.model import Allow, DirGrant, Flow, Limits
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.spec import (BoundedMemory, Call, Code, Event, HostError, HostFunction, RunContext,
                                           invoke)
+from optional_support import need_llama_cpp
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM_ARGS = ["--temp", "0", "--n-predict", "8", "--metadata", '{"stream-stdout": true}', "once upon a time"]
@@ -32,7 +33,7 @@ STREAM_ARGS = ["--temp", "0", "--n-predict", "8", "--metadata", '{"stream-stdout
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
+    need_llama_cpp()
     from wasmflow.wasi_nn.testmodels import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")

@@ -21,6 +21,7 @@ from wasmflow.devtools.openai_standin import OpenAIStandin
 from wasmflow.flows.model import Allow, Flow, FlowsFile, GithubApp, Limits, LlmEndpoint, LlmSettings
 from wasmflow.host_functions.spec import Event
 from wasmflow.runtime import Runtime
+from optional_support import need_model
 
 REPO = "octo-org/hello-world"
 MARKER = "<!-- wasmflow:code-review -->"
@@ -228,10 +229,10 @@ GEMMA = Path(__file__).resolve().parents[1] / ".wasmflow" / "models" / "gemma-3-
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GEMMA.exists(), reason="run `wasmflow models pull gemma` first")
 def test_review_with_the_local_gemma_model(tmp_path: Path, guest_wasm: dict[str, Path]) -> None:
     """The same bot with the model run in-process over the WASI-NN registry: the answer is held to the
     schema by a grammar, so even a 270M base model yields a summary in place and valid inline lines."""
+    need_model(GEMMA, "gemma")
     from wasmflow.flows.model import ModelSpec
 
     with GithubStandin() as github:

@@ -23,8 +23,9 @@ from nn_guest_wat import NnGuest, NnInput, failure, nn_guest_wat
 from wasmflow.engine.base import Status
 from wasmflow.wasi_nn.abi import NNError
 from wasmflow.wasi_nn.testmodels import write_tiny_llama
+from optional_support import need_llama_cpp
 
-pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
+need_llama_cpp()
 
 NN = {"nn": {"load_bytes": True}}
 

@@ -21,6 +21,7 @@ from hostile_support import PeakRss, engine_name, run_flow  # noqa: F401
 from nn_guest_wat import NnGuest, NnInput, nn_guest_wat
 from wasmflow.engine.base import Status
 from wasmflow.wasi_nn.testmodels import write_tiny_llama, write_tiny_onnx
+from optional_support import need_llama_cpp
 
 CAP = {"memory": "16MiB", "timeout": "60s"}
 NN = {"nn": {"load_bytes": True}}
@@ -133,7 +134,7 @@ def test_graph_too_big_by_itself_ends_oom_at_load(engine_name: str, tmp_path: Pa
 def test_gguf_asking_for_a_huge_context_ends_oom(engine_name: str, tmp_path: Path) -> None:
     """A GGUF claiming a 1M-token training context, and a guest asking for all of it: llama.cpp would
     allocate and clear a KV cache of 512 MiB (and compute buffers beyond)."""
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     import json
 
     data = write_tiny_llama(tmp_path / "m" / "huge.gguf", n_ctx=1 << 20).read_bytes()

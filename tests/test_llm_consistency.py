@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import openai  # a dependency of wasmflow itself: never a skip
 import pytest
 
-pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
-openai = pytest.importorskip("openai", reason="the tests use the openai package as the client")
+from optional_support import missing, need_llama_cpp
+
+need_llama_cpp()
 
 from hostile_support import engine_name, run_flow  # noqa: E402,F401
 from nn_guest_wat import NnGuest, NnInput, nn_guest_wat  # noqa: E402
@@ -116,7 +118,7 @@ def direct_greedy(path: Path, prompt: str, n: int, repeat_penalty: float) -> tup
 def test_the_same_tokens_and_counts_from_llm_chat_and_v1(name: str, paths: dict[str, Path],
                                                          served: tuple[ModelRegistry, Any]) -> None:
     if name not in paths:
-        pytest.skip(f"{name} is not pulled (`wasmflow models pull {name}`)")
+        missing(f"model {name} is not pulled: run `wasmflow models pull {name}`")
     registry, client = served
     messages = [{"role": "user", "content": "Once upon a time there was a cat"}]
     n = 12

@@ -16,6 +16,7 @@ from wasmflow.devtools.openai_standin import OpenAIStandin
 from wasmflow.flows.model import Allow, Flow, FlowsFile, LlmEndpoint, LlmSettings, ModelSpec
 from wasmflow.host_functions.llm import LlmCapability
 from wasmflow.host_functions.spec import Call, Code, Event, HostError, RunContext
+from optional_support import need_llama_cpp, need_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GEMMA = REPO_ROOT / ".wasmflow" / "models" / "gemma-3-270m-q4_k_m.gguf"
@@ -104,8 +105,8 @@ def test_local_model_needs_allow_models() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GEMMA.exists(), reason="run `wasmflow models pull gemma` first")
 def test_local_chat_with_gemma_through_the_wasi_nn_registry() -> None:
+    need_model(GEMMA, "gemma")
     from wasmflow.wasi_nn.registry import ModelRegistry
 
     registry = ModelRegistry.from_config({"gemma": {"backend": "ggml", "path": str(GEMMA), "options": {"ctx-size": 2048}}},
@@ -129,7 +130,7 @@ def test_local_chat_and_embeddings_stop_at_the_run_deadline_and_the_endpoint_tim
     """The local route is a host call the engine cannot interrupt: the shared token loop checks the run's
     deadline between decode steps (the run ends `timeout`), and `llm.chat.timeout` ends the answer early
     with finish_reason "time"."""
-    pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
+    need_llama_cpp()
     from wasmflow.wasi_nn.registry import ModelRegistry
     from wasmflow.wasi_nn.testmodels import write_tiny_llama
 

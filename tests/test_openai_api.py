@@ -14,10 +14,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import openai  # a dependency of wasmflow itself: never a skip
 import pytest
 
-pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
-openai = pytest.importorskip("openai", reason="the tests use the openai package as the client")
+from optional_support import need_llama_cpp
+
+need_llama_cpp()
 
 from aiohttp import web  # noqa: E402
 

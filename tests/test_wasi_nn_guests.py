@@ -28,8 +28,9 @@ from wasmflow.host_functions import Host
 from wasmflow.host_functions.spec import Event
 from wasmflow.wasi_nn import ModelRegistry, WasiNNCapability, parse_preload
 from wasmflow.wasi_nn.testmodels import write_tiny_llama, write_tiny_onnx
+from optional_support import need_llama_cpp
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python")
+llama_cpp = need_llama_cpp()
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("WASMFLOW_TEST_STATE_DIR", REPO / ".wasmflow"))

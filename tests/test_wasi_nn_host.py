@@ -22,8 +22,9 @@ from wasmflow.wasi_nn import Encoding, ModelRegistry, NNError, Target, WasiNNCap
 from wasmflow.wasi_nn.abi import tensor_type_word
 from wasmflow.wasi_nn.registry import preloads_from_env
 from wasmflow.wasi_nn.testmodels import write_tiny_llama, write_tiny_onnx
+from optional_support import need_llama_cpp
 
-pytest.importorskip("llama_cpp", reason="the ggml back end needs llama-cpp-python (pip install llama-cpp-python)")
+need_llama_cpp()
 
 
 class Mem:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from wasmflow.wasi_nn import models
 from wasmflow.wasi_nn.cli_commands import models_group
 from wasmflow.wasi_nn.testmodels import write_tiny_llama, write_tiny_onnx
+from optional_support import need_llama_cpp
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("WASMFLOW_TEST_STATE_DIR", REPO / ".wasmflow"))
@@ -50,7 +51,7 @@ def test_pull_minilm_records_checksums(minilm: list[Path]) -> None:
 
 
 def test_converted_gguf_is_a_bert_llama_cpp_reads(minilm: list[Path]) -> None:
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     from wasmflow.wasi_nn.ggml_backend import VocabOnly
 
     v = VocabOnly(str(minilm[0]))

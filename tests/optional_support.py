@@ -1,0 +1,43 @@
+"""Optional components of the test suite: a skip that names what is missing, never a silent pass.
+
+`make test` installs every one of them (llama-cpp-python, the pulled models), so under CI a missing one is
+a failure, not a skip: a skip must point at something a developer's machine may lack, never hide a
+feature that stopped working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def missing(reason: str) -> None:
+    """Skip with `reason`, or fail with it under CI (where everything optional is installed)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI installs it: a skip here would hide a broken install)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need_module(name: str, component: str) -> ModuleType:
+    """`import name`, or a skip/failure naming the component that provides it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"needs {component}: {exc}")
+        raise  # unreachable: missing() always raises
+
+
+def need_llama_cpp() -> ModuleType:
+    """llama-cpp-python, the ggml back end (`pip install -e '.[nn]'`, done by scripts/setup.sh)."""
+    return need_module("llama_cpp", "llama-cpp-python, the ggml back end (pip install -e '.[nn]')")
+
+
+def need_model(path: Path, name: str) -> Path:
+    """A model file `wasmflow models pull NAME` makes, or a skip/failure saying to pull it."""
+    if not Path(path).exists():
+        missing(f"model {name} is not pulled: run `wasmflow models pull {name}` ({path} is missing)")
+    return Path(path)
