@@ -148,14 +148,6 @@ class FieldError(ValueError):
         self.loc = loc
 
 
-# The ranges of `limits:` (checked by Flow, so that Limits itself stays a plain list of fields).
-LIMIT_RANGES: dict[str, tuple[Any, Any, Callable[[Any], str], str]] = {
-    "timeout": (0.001, 86400.0, format_duration, "a duration"),
-    "memory": (64 * 1024, 4 * 1024**3, format_size, "a size"),  # one wasm page to the wasm32 address space
-    "table_elements": (1, 10_000_000, str, "an integer"),
-    "output": (0, 64 * 1024**2, format_size, "a size"),
-}
-
 # GitHub's repository and organization permission names for Apps, as its REST API spells them (account
 # permissions such as email_addresses are not for an installation's token and are left out).
 GITHUB_PERMISSIONS = frozenset({
@@ -309,10 +301,10 @@ class Strict(BaseModel):
 
 
 class Limits(Strict):
-    timeout: Duration = 30.0
-    memory: Size = 256 * 1024**2
-    table_elements: int = Field(default=100_000, ge=1)
-    output: Size = 1024**2
+    timeout: duration_in(0.001, 86400.0) = 30.0
+    memory: size_in(64 * 1024, 4 * 1024**3) = 256 * 1024**2  # one wasm page to the wasm32 address space
+    table_elements: int_in(1, 10_000_000) = 100_000
+    output: size_in(0, 64 * 1024**2) = 1024**2
     # What a guest may push out per run (docs/security.md): over a cap the call answers LIMIT or TOO_LARGE,
     # and what was cut is marked and counted (wasmflow_guest_output_truncated_total).
     log_lines: int_in(0, 1_000_000) = 1000
@@ -510,15 +502,6 @@ class Flow(Strict):
     limits: Limits = Limits()
     retry: Retry = Retry()
     llm: Optional[LlmSettings] = None
-
-    @field_validator("limits")
-    @classmethod
-    def _limits(cls, value: Limits) -> Limits:
-        for name, (lo, hi, show, what) in LIMIT_RANGES.items():
-            got = getattr(value, name, None)
-            if got is not None and not lo <= got <= hi:
-                raise FieldError(f"{what} from {show(lo)} to {show(hi)} is expected, got {show(got)}", (name,))
-        return value
 
 
 class ModelSpec(Strict):
