@@ -21,6 +21,9 @@ class Host:
         names = [c.name for c in self.capabilities]
         if len(set(names)) != len(names):
             raise ValueError(f"capability listed twice: {names}")
+        # Only capabilities with per-run state take part in every run's open/close (the hot path).
+        self._openers = [c for c in self.capabilities if type(c).open_run is not Capability.open_run]
+        self._closers = [c for c in self.capabilities if type(c).close_run is not Capability.close_run]
 
     @classmethod
     def default(cls, db=None, state_dir: Optional[Path] = None, extra: Iterable[Capability] = ()) -> "Host":  # type: ignore[no-untyped-def]
@@ -46,11 +49,11 @@ class Host:
         return [fn for cap in self.capabilities for fn in cap.functions()]
 
     def open_run(self, run: RunContext) -> None:
-        for cap in self.capabilities:
+        for cap in self._openers:
             cap.open_run(run)
 
     def close_run(self, run: RunContext) -> None:
-        for cap in self.capabilities:
+        for cap in self._closers:
             try:
                 cap.close_run(run)
             except Exception:  # one capability's cleanup must not skip the others'
