@@ -354,7 +354,7 @@ def test_sigterm_right_after_the_first_claim_is_a_graceful_stop(served):
         proc.kill()
         raise AssertionError(served.log())
     assert stop(proc, served) == 0, served.log()  # not killed by the signal's default action
-    assert served.rows("SELECT count(*) FROM runs WHERE state = 'running' OR lease_owner IS NOT NULL") == [(0,)]
+    assert served.rows("SELECT count(*) FROM runs WHERE state = 'running' OR lease_owner IS NOT NULL") == [(0,)], served.log()
 
     proc = served.start(grace=30)
     try:

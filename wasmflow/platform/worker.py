@@ -60,6 +60,9 @@ class Dispatcher:
         self._finishing: set[str] = set()  # results being stored: no heartbeat, not lost
         self._started: set[str] = set()  # runs whose guest has started: only these are waited for on stop
         self._slots = threading.Condition()
+        # Held through a whole drain, release included: `stop` (or a second signal) calling drain again
+        # must not go on, and let the process exit, while the first drain's release is still being stored.
+        self._draining = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()  # no more claims
         self._stopped = threading.Event()  # nothing held any more: lease maintenance ends too
@@ -94,17 +97,18 @@ class Dispatcher:
         Safe to call more than once and from any thread (the signal handler's). A run is either started
         before this takes the lock, and then finishes or is cut by `stop`, or never starts here.
         """
-        with self._slots:
-            if not self._stopping.is_set():
-                self._drained_at = time.monotonic()
-            self._stopping.set()
-            unstarted = [i for i in self._in_flight if i not in self._started]
-            for run_id in unstarted:
-                del self._in_flight[run_id]
-            self.metrics.in_flight.set(len(self._in_flight))
-            self._slots.notify_all()
-        self._wake.set()
-        released = self._release(unstarted)
+        with self._draining:
+            with self._slots:
+                if not self._stopping.is_set():
+                    self._drained_at = time.monotonic()
+                self._stopping.set()
+                unstarted = [i for i in self._in_flight if i not in self._started]
+                for run_id in unstarted:
+                    del self._in_flight[run_id]
+                self.metrics.in_flight.set(len(self._in_flight))
+                self._slots.notify_all()
+            self._wake.set()
+            released = self._release(unstarted)
         if unstarted:
             log.info("released %d claimed runs that had not started", released)
         return released
