@@ -253,7 +253,7 @@ def main() -> None:
                lambda: run_wasmflow("wasmflow up, SQLite", wasm, args.deliveries, args.concurrency, args.workers, None)]
     if args.postgres_url:
         configs.append(lambda: on_postgres("wasmflow up, PostgreSQL", 0))
-        configs.append(lambda: on_postgres("up --workers 0 + 1 worker process, PostgreSQL", 1))
+        configs.append(lambda: on_postgres("up --workers 0 + 2 worker processes, PostgreSQL", 2))
     else:
         console.print("[yellow]PostgreSQL skipped: pass --postgres-url or set WASMFLOW_TEST_POSTGRES_URL[/yellow]")
     # Rounds interleave the configurations, so a burst of load from elsewhere on the machine does not
@@ -282,7 +282,13 @@ def main() -> None:
         runs = "-" if r["runs_per_s"] is None else f"{r['runs_per_s']:.0f}"
         print(f"RESULT {r['name']}: ack p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms, "
               f"{r['acks_per_s']:.0f} acks/s, {runs} completed runs/s")
-    console.print("goals: ack p99 < 50 ms at 100 concurrent senders; >= 300 completed runs/s")
+    base = results[0]
+    for r in results[1:]:
+        console.print(f"{r['name']}: acks at [bold]{r['acks_per_s'] / base['acks_per_s']:.0%}[/bold] of the baseline's "
+                      f"rate (goal >= 50%), ack p99 [bold]{r['p99'] / base['p99']:.1f}x[/bold] the baseline's (goal <= 2x)")
+    sqlite = results[1]["runs_per_s"]
+    for r in results[2:]:
+        console.print(f"{r['name']}: [bold]{r['runs_per_s'] / sqlite:.2f}x[/bold] SQLite's completed runs/s (goal >= 1)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

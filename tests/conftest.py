@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine_support import engine_name  # noqa: F401  (fixture: each engine usable here)
-from wasmflow.build import BuildError, Toolchain, build, find_toolchain
+from wasmflow.build import BuildError, Toolchain, build, find_toolchain, workspace_crates
 
 if TYPE_CHECKING:
     from wasmflow.flows.model import FlowsFile
@@ -53,7 +53,31 @@ def guest_wasm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     a toolchain that fails to build them is a test error with cargo's output.
     """
     require_toolchain()
-    return build(None, GUEST_WORKSPACE, tmp_path_factory.mktemp("build-state"), progress=False)
+    state = tmp_path_factory.mktemp("build-state")
+    try:
+        return build(None, GUEST_WORKSPACE, state, progress=False)
+    except BuildError as exc:  # one crate that does not compile must not take every other guest's tests with it
+        return _BuiltEach(state, exc)
+
+
+class _BuiltEach(dict):
+    """The guests built one by one after the workspace build failed; asking for one that does not
+    build raises its BuildError, so only the tests of that crate fail (with cargo's output)."""
+
+    def __init__(self, state: Path, failure: BuildError) -> None:
+        super().__init__()
+        self.failures: dict[str, BuildError] = {}
+        for crate in workspace_crates(GUEST_WORKSPACE, require_toolchain(), state):
+            if not crate.is_bin:
+                continue
+            try:
+                self.update(build([crate.name], GUEST_WORKSPACE, state, progress=False))
+            except BuildError as exc:
+                self.failures[crate.name] = exc
+        self.failure = failure
+
+    def __missing__(self, name: str) -> Path:
+        raise self.failures.get(name, self.failure)
 
 
 PG_SKIP = "PostgreSQL not available (set WASMFLOW_TEST_POSTGRES_URL, or run `make test` to start one)"

@@ -85,6 +85,21 @@ class Runtime:
             self._modules[key] = module
         return module
 
+    def prepare(self) -> list[str]:
+        """Build the engines and load every flow's module now; returns what could not be loaded.
+
+        A server calls this at start-up so that its first event does not pay for creating an engine and
+        loading a module (about 3 ms with a warm cache, against 0.2 ms for a run); a module that cannot
+        load is logged here and still reported as `invalid` by each run of its flow.
+        """
+        problems = []
+        for flow in self.flows.flows:
+            try:
+                self.module_for(flow)
+            except Exception as exc:  # a missing build, an absent libwasmedge: the runs will say so
+                problems.append(f"{flow.name}: {exc}")
+        return problems
+
     def invalidate(self, flow_name: Optional[str] = None) -> None:
         """Forget loaded modules (after a rebuild) so the next run loads the new one."""
         with self._lock:

@@ -14,6 +14,7 @@ import ctypes
 import functools
 import logging
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -185,23 +186,11 @@ class WasmtimeEngine:
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         self._callbacks: list[Any] = []
-        types: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}  # the linker copies them
-        for fn in host.functions():
-            signature = (tuple(fn.wasm_params), tuple(fn.results))
-            ty = types.get(signature)
-            if ty is None:  # a few signatures serve dozens of functions: built once each (first-run cost)
-                ty = types[signature] = wasmtime.FuncType(
-                    [getattr(wasmtime.ValType, t)() for t in fn.wasm_params],
-                    [getattr(wasmtime.ValType, t)() for t in fn.results],
-                )
-            callback = ffi.wasmtime_func_unchecked_callback_t(adapt(fn))
-            self._callbacks.append(callback)  # the C side keeps only the pointer
-            module_name, func_name = fn.module.encode(), fn.name.encode()
-            error = ffi.wasmtime_linker_define_func_unchecked(
-                self.linker.ptr(), module_name, len(module_name), func_name, len(func_name), ty.ptr(),
-                callback, None, _no_finalizer)
-            if error:
-                raise wasmtime.WasmtimeError._from_ptr(error)
+        # Host functions are defined on the linker when a module that imports them is loaded: a process
+        # offers dozens and a guest imports a few, and each costs a callback and a compiled reader.
+        self._undefined = {(fn.module, fn.name): fn for fn in host.functions()}
+        self._types: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}  # the linker copies them
+        self._define_lock = threading.Lock()
         self._stop = threading.Event()
         # A bare thread: `threading.Thread.start` waits until the new thread runs, which under load
         # cost a first run milliseconds; the ticker needs no join and dies with the process.
@@ -241,12 +230,39 @@ class WasmtimeEngine:
             serialized, from_cache = self.cache.replace(wasm, compile_()), False
             module = wasmtime.Module.deserialize(self.engine, serialized)
         try:
-            pre = self.linker.instantiate_pre(module)
+            with self._define_lock:  # the linker is mutated here and read by instantiate_pre
+                self._define_imports(module)
+                pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: {_first_line(exc)}") from None
         if "_start" not in {e.name for e in module.exports}:
             raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
         return WasmtimeModule(flow_name, path, module, pre, from_cache, shape)
+
+    def _define_imports(self, module: wasmtime.Module) -> None:
+        """Define on the linker the host functions `module` imports that no module loaded before did
+        (called under `_define_lock`)."""
+        for imp in module.imports:
+            fn = self._undefined.pop((imp.module, imp.name), None)
+            if fn is not None:
+                self._define(fn)
+
+    def _define(self, fn: HostFunction) -> None:
+        signature = (tuple(fn.wasm_params), tuple(fn.results))
+        ty = self._types.get(signature)
+        if ty is None:  # a few signatures serve dozens of functions: built once each
+            ty = self._types[signature] = wasmtime.FuncType(
+                [getattr(wasmtime.ValType, t)() for t in fn.wasm_params],
+                [getattr(wasmtime.ValType, t)() for t in fn.results],
+            )
+        callback = ffi.wasmtime_func_unchecked_callback_t(adapt(fn))
+        self._callbacks.append(callback)  # the C side keeps only the pointer
+        module_name, func_name = fn.module.encode(), fn.name.encode()
+        error = ffi.wasmtime_linker_define_func_unchecked(
+            self.linker.ptr(), module_name, len(module_name), func_name, len(func_name), ty.ptr(),
+            callback, None, _no_finalizer)
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -398,7 +414,19 @@ def result_memory(store: wasmtime.Store, ctx: RunContext) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _wasmtime_version() -> str:
-    """wasmtime-py's version (it keys the module cache), read from package metadata once per process."""
+    """wasmtime-py's version (it keys the module cache), once per process.
+
+    Read from the name of the `wasmtime-X.Y.Z.dist-info` directory beside the package: importlib.metadata
+    scans every distribution on the path, about 2 ms of a new process's first run (its budget is 3 ms).
+    """
+    site = Path(wasmtime.__file__).resolve().parent.parent
+    try:
+        for entry in os.scandir(site):
+            name = entry.name
+            if name.startswith("wasmtime-") and name.endswith(".dist-info"):
+                return name[len("wasmtime-"):-len(".dist-info")]
+    except OSError:
+        pass
     return package_version("wasmtime")
 
 

@@ -114,6 +114,8 @@ class Platform:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="wasmflow-checkpoint",
                                                   daemon=True)
             self._checkpointer.start()
+        # Workers and HTTP triggers run flows: load the modules before the first event, off the serving path.
+        threading.Thread(target=self._prepare, name="wasmflow-prepare", daemon=True).start()
         if self.dispatcher:
             self.dispatcher.start()
         if self.options.scheduler and self.scheduler.specs:
@@ -122,6 +124,10 @@ class Platform:
                 target=self.scheduler.run, args=(self._stop, election), name="wasmflow-scheduler", daemon=True)
             self._scheduler_thread.start()
         self._started = True
+
+    def _prepare(self) -> None:
+        for problem in self.runtime.prepare():
+            log.warning("flow %s", problem)
 
     def _checkpoint_loop(self, interval: float = 0.2) -> None:
         """SQLite: copy the write-ahead log into the database often, from this thread.
