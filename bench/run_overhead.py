@@ -71,6 +71,47 @@ print(elapsed)
 """
 
 
+def transcript_cost(wasm: Path, event: Event, runs: int, tmpdir: Path) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per-run latency with the transcript off (limits.transcript: 0), recorded (the default), recorded and
+    stored at once (`wasmflow run`), and stored by the background writer (the workers; docs/replay.md).
+
+    In blocks of runs, the modes taking turns over ten rounds (so drift hits all); the background writer's
+    commits land in the block that caused them, and each block ends by waiting for the writer, so the
+    second result, milliseconds per run all included, is what a worker really pays per run."""
+    from wasmflow.platform.transcripts import _writer_for, persist
+
+    runtimes = {}
+    for how, limit in (("off", 0), ("recorded", 4 * 1024**2), ("recorded + stored", 4 * 1024**2),
+                       ("recorded + stored in the background", 4 * 1024**2)):
+        flow = Flow(name="hello", module=str(wasm), allow={"kv": True}, config={"greeting": "Hello"},
+                    limits={"transcript": limit})
+        runtimes[how] = Runtime(FlowsFile(flows=[flow], state_dir=str(tmpdir / how.replace(" ", ""))), tmpdir)
+        runtimes[how].run("hello", event)
+    samples: dict[str, list[float]] = {how: [] for how in runtimes}
+    total: dict[str, float] = {how: 0.0 for how in runtimes}
+    rounds = 10
+    for _ in range(rounds):
+        for how, runtime in runtimes.items():
+            block = time.perf_counter()
+            for _ in range(max(1, runs // rounds)):
+                t = time.perf_counter()
+                result = runtime.run("hello", event)
+                if how == "recorded + stored":  # as `wasmflow run` does
+                    persist(runtime, result)
+                elif how.endswith("background"):  # as the workers do
+                    persist(runtime, result, wait=False)
+                else:
+                    runtime.host.capability("transcript").take(result.run_id)  # what persist would take
+                samples[how].append((time.perf_counter() - t) * 1000)
+                assert result.ok, result.error
+            if how.endswith("background"):
+                _writer_for(runtime, runtime.host.capability("transcript")).flush()
+            total[how] += (time.perf_counter() - block) * 1000
+    for runtime in runtimes.values():
+        runtime.close()  # waits for the background writer
+    return samples, {how: ms / len(samples[how]) for how, ms in total.items()}
+
+
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
     ordered = sorted(samples)
     return (statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1], statistics.mean(ordered))
@@ -117,6 +158,7 @@ def main() -> None:
             for how in ("cold", "prepared")
         }
         runtime.close()
+        transcript_ms, transcript_per_run = transcript_cost(wasm, event, min(args.runs, 1000), tmpdir)
 
         src = tmpdir / "native.c"
         src.write_text(NATIVE_C)
@@ -137,7 +179,13 @@ def main() -> None:
     w, n = percentiles(wasm_ms), percentiles(native_ms)
     table.add_row("wasmflow run (wasmtime, fresh instance, kv in SQLite)", *(f"{x:.3f}" for x in w))
     table.add_row("baseline: spawn native process (same work)", *(f"{x:.3f}" for x in n))
+    for how, samples in transcript_ms.items():
+        table.add_row(f"wasmflow run, transcript {how}", *(f"{x:.3f}" for x in percentiles(samples)))
     console.print(table)
+    off, kept, stored, behind = transcript_per_run.values()
+    console.print(f"transcript cost per run, all included (blocks of runs, background writer waited for): off "
+                  f"{off:.3f} ms; recorded {kept - off:+.3f} ms ({kept / off:.2f}x); stored at once {stored - off:+.3f} "
+                  f"ms ({stored / off:.2f}x); stored in the background {behind - off:+.3f} ms ({behind / off:.2f}x)")
     console.print(f"ratio native/wasmflow at p50: [bold]{n[0] / w[0]:.1f}x[/bold]; wasmflow/native "
                   f"[bold]{w[0] / n[0]:.2f}[/bold] (goal: <= 0.25)")
     console.print(f"first run in a new process with the on-disk module cache warm (median of 5): "

@@ -29,17 +29,21 @@ KEY_ENV = "WASMFLOW_TEST_LLM_KEY"
 
 
 def finding_responder(messages: list[dict[str, Any]], request: dict[str, Any]) -> str:
-    """A deterministic reviewer: one finding on the first added line of the first file it is shown."""
+    """A deterministic reviewer: one grounded finding (quoting the code) on the first added line of the first file it is shown."""
     user = messages[-1]["content"]
     if "Diff" not in user:
         return "Merged summary: the change adds modules; potential issues first."
     file_match = re.search(r"^### (\S+) \(", user, re.M)
-    line_match = re.search(r"^\s*(\d+) \+", user, re.M)
+    line_match = re.search(r"^\s*(\d+) \+(.*)$", user, re.M)
     findings = []
     if file_match and line_match:
-        findings.append({"file": file_match.group(1), "line": int(line_match.group(1)), "severity": "medium",
-                         "message": "This returns a constant; was a computation intended?"})
-    return json.dumps({"summary": "Adds new functions. The main risk is untested behaviour.", "findings": findings})
+        line = int(line_match.group(1))
+        findings.append({"file": file_match.group(1), "start_line": line, "end_line": line, "severity": "medium",
+                         "category": "bug", "code": line_match.group(2).strip(),
+                         "problem": "This returns a constant; was a computation intended?"})
+    shown = file_match.group(1) if file_match else "the diff"
+    return json.dumps({"summary": f"Adds new functions in {shown}. The main risk is untested behaviour.",
+                       "findings": findings})
 
 
 class Env:
@@ -148,8 +152,13 @@ def test_review_command_re_reviews_and_other_comments_do_not(env: Env) -> None:
     env.github.add_pull(REPO, "Add modules", rust_files(1))
     env.deliver("pull_request", pull_request_event(env.github, REPO, 1))
     calls_before = len(env.llm.chat_requests())
+    # Nothing pushed since that review: `/review` says so without a model call; `/review full` reviews again.
     command = env.github.add_comment(REPO, 1, "/Review please", user="octocat")
     out = output(env.deliver("issue_comment", issue_comment_event(env.github, REPO, 1, command)))
+    assert out["reason"] == "nothing new since the last review" and len(env.llm.chat_requests()) == calls_before
+    assert any(c["body"].startswith("Nothing new since the last review") for c in env.github.comments(REPO, 1))
+    full = env.github.add_comment(REPO, 1, "/review FULL", user="octocat")
+    out = output(env.deliver("issue_comment", issue_comment_event(env.github, REPO, 1, full)))
     assert out["action"] == "reviewed" and len(env.llm.chat_requests()) == calls_before + 1
     acked = [c for c in env.github.comments(REPO, 1) if c["id"] == command["id"]][0]
     assert acked["reactions"]["eyes"] == 1

@@ -107,7 +107,7 @@ def test_opened_synchronize_command_and_redelivery(e2e: Stack) -> None:
     assert second["id"] == first["id"] and "Since the last review" in second["body"] and "Add a third module" in second["body"]
 
     llm_calls = len(e2e.llm.chat_requests())
-    command = e2e.github.add_comment(REPO, 1, "/review")
+    command = e2e.github.add_comment(REPO, 1, "/review full")  # `/review` alone: nothing new since the push
     e2e.send("issue_comment", issue_comment_event(e2e.github, REPO, 1, command))
     runs = e2e.settle(3)
     output = json.loads(get_run(e2e.server.platform.runtime.db, runs[0].id).output)
@@ -120,8 +120,9 @@ def test_opened_synchronize_command_and_redelivery(e2e: Stack) -> None:
     assert again["duplicate"] is True
     time.sleep(0.5)
     assert len(e2e.runs()) == 3 and len(e2e.github.writes()) == writes
-    # get the PR, find the comment, placeholder, check for a racing twin, files, review, final edit
-    assert calls_per_review == 7
+    # get the PR, .github/wasmflow.yaml on the base branch, find the comment, placeholder, check for a
+    # racing twin, files, review, final edit (this flow has no `checks: write`, so no check run calls)
+    assert calls_per_review == 8
 
 
 def test_llm_down_is_retried_then_the_review_replaces_the_error_note(e2e: Stack) -> None:

@@ -226,12 +226,12 @@ def test_malformed_references_are_errors(tmp_path: Path, value: str) -> None:
     [
         ("verison: 1\nflows: []\n", "verison", "verison",
          "unknown key 'verison', did you mean 'version'? (expected one of: version, engine, state_dir, models, "
-         "github, flows)"),
+         "github, flows, console)"),
         (flow_yaml("    modle: x.wasm\n"), "modle", "flows[hello].modle",
          "(expected one of: name, module, engine, on, allow, config, secrets, args, limits, retry"),
         (flow_yaml("    limits:\n      timout: 5s\n"), "timout", "flows[hello].limits.timout",
          "unknown key 'timout', did you mean 'timeout'? (expected one of: timeout, memory, table_elements, output, "
-         "log_lines, log_bytes, response_headers, response_header_bytes, response_body)"),
+         "log_lines, log_bytes, response_headers, response_header_bytes, response_body, transcript)"),
         (flow_yaml("    on:\n      - github: {events: [push], repo: [a/b]}\n"), "repo:", "flows[hello].on[0].github.repo",
          "(expected one of: events, repos)"),
         (flow_yaml("    on:\n      - cron: {cron: '* * * * *'}\n"), "- cron", "flows[hello].on[0].cron",

@@ -22,7 +22,9 @@ FLOORS: list[set[str]] = [
     {"wasi_nn"},
     {"runtime"},
     {"cli_support"},
+    {"console"},
     {"platform"},
+    {"scaffold"},
     {"cli"},
     {"devtools"},
 ]

@@ -171,7 +171,8 @@ def workspace_crates(workspace: Path, toolchain: Toolchain, state_dir: Path) -> 
     """The workspace's packages, as cargo sees them (globs in `members` expanded)."""
     manifest = Path(workspace) / "Cargo.toml"
     if not manifest.is_file():
-        raise BuildError(f"{workspace} is not a cargo workspace (no Cargo.toml)")
+        raise BuildError(f"{workspace} is not a cargo workspace (no Cargo.toml): run `wasmflow build` in a project "
+                         "made by `wasmflow new NAME` (or create one with it), or pass --workspace")
     proc = subprocess.run(
         [toolchain.cargo, "metadata", "--no-deps", "--format-version", "1", "--manifest-path", str(manifest)],
         capture_output=True, text=True, env=toolchain.env(state_dir),
@@ -406,28 +407,45 @@ def resolve_module(module: str, base_dir: Path) -> Path:
     return wasm.resolve()
 
 
+def is_project(directory: Path) -> bool:
+    """A project made by `wasmflow new`: flows.yaml beside a Cargo workspace (the agents' crates)."""
+    manifest = Path(directory) / "Cargo.toml"
+    return (Path(directory) / "flows.yaml").is_file() and manifest.is_file() and "workspace" in _load_toml(manifest)
+
+
 def default_workspace() -> Path:
-    """`$WASMFLOW_WORKSPACE`, else the nearest `guest-examples/` at or above the current directory."""
+    """`$WASMFLOW_WORKSPACE`, else the nearest project (flows.yaml beside a Cargo workspace, as `wasmflow
+    new` makes them) or `guest-examples/` (this repository's layout) at or above the current directory."""
     if os.environ.get("WASMFLOW_WORKSPACE"):
         return Path(os.environ["WASMFLOW_WORKSPACE"])
     cwd = Path.cwd()
     for directory in [cwd, *cwd.parents]:
+        if is_project(directory):
+            return directory
         if (directory / "guest-examples" / "Cargo.toml").is_file():
             return directory / "guest-examples"
     return cwd / "guest-examples"
 
 
+def default_state_dir(workspace: Path) -> Path:
+    """Where a build keeps its cargo home: the project's `.wasmflow`, or `.wasmflow` beside `guest-examples/`."""
+    workspace = Path(workspace)
+    return workspace / ".wasmflow" if is_project(workspace) else workspace.parent / ".wasmflow"
+
+
 @click.command("build")
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="the guest cargo workspace (default: $WASMFLOW_WORKSPACE or the nearest ./guest-examples)")
+              help="the guest cargo workspace (default: $WASMFLOW_WORKSPACE, else the nearest project made by "
+                   "`wasmflow new` or ./guest-examples)")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="where the build keeps its cargo home (default: .wasmflow beside the workspace)")
+              help="where the build keeps its cargo home (default: the project's .wasmflow, or .wasmflow "
+                   "beside guest-examples)")
 @click.option("-v", "--verbose", is_flag=True, help="stream cargo's output")
 def build_command(names: tuple[str, ...], workspace: Optional[Path], state_dir: Optional[Path], verbose: bool) -> None:
     """Compile guest crates to WebAssembly (all of them, or each NAME: a package or directory name)."""
     workspace = (workspace or default_workspace()).resolve()
-    state_dir = state_dir or workspace.parent / ".wasmflow"
+    state_dir = state_dir or default_state_dir(workspace)
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:

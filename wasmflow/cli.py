@@ -32,13 +32,18 @@ def main() -> None:
 @click.option("--header", "headers", multiple=True, help="event header NAME=VALUE (repeatable)")
 @click.option("--engine", type=click.Choice(["wasmtime", "wasmedge"]), default=None,
               help="override the engine of flows.yaml")
+@click.option("--github-fixtures", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="answer the guest's GitHub calls from the JSON fixtures in DIR; print what it wrote")
 @flows_path_option
 def run_command(flow: str, event_file: Optional[Path], event_name: str, headers: tuple[str, ...],
-                engine: Optional[str], flows_path: Optional[Path]) -> None:
+                engine: Optional[str], github_fixtures: Optional[Path], flows_path: Optional[Path]) -> None:
     """Run FLOW once, locally, on an event; print its logs, output and status."""
     from wasmflow.host_functions.spec import Event
 
-    runtime = load_runtime(flows_path, engine)
+    from wasmflow.scaffold.github_fixtures import fixture_run
+
+    fixtures = fixture_run(github_fixtures) if github_fixtures else None
+    runtime = fixtures.runtime(flows_path, engine) if fixtures else load_runtime(flows_path, engine)
     try:
         try:
             runtime.flows.flow(flow)
@@ -59,10 +64,17 @@ def run_command(flow: str, event_file: Optional[Path], event_name: str, headers:
                 sys.exit(2)
             header_map[name.lower()] = value
         result = runtime.run(flow, Event(name=event_name, body=body, headers=header_map, trigger="manual"))
+        from wasmflow.platform.transcripts import persist
+
+        persist(runtime, result)  # into the state directory's store: `wasmflow replay RUN --offline` works on it
         print_result(result)
+        if fixtures:
+            fixtures.report()
         sys.exit(0 if result.ok else 1)
     finally:
         runtime.close()
+        if fixtures:
+            fixtures.stop()
 
 
 def _register() -> None:
@@ -82,6 +94,14 @@ def _register() -> None:
     main.add_command(platform_cli.logs_command, "logs")
     main.add_command(platform_cli.events_command, "events")
     main.add_command(platform_cli.replay_command, "replay")
+    from wasmflow.platform.github_cli import github_group
+    main.add_command(github_group, "github")
+    from wasmflow.scaffold.cli_commands import new_command
+    main.add_command(new_command, "new")
+    from wasmflow.platform.dev import dev_command
+    main.add_command(dev_command, "dev")
+    main.add_command(platform_cli.cancel_command, "cancel")
+    main.add_command(platform_cli.concurrency_command, "concurrency")
 
 
 _register()

@@ -161,6 +161,25 @@ def run_output(db_url: str, run_id: str) -> dict[str, Any]:
         db.dispose()
 
 
+def show_console_link(log_path: Path) -> None:
+    """Last: the web console's one-time login link (`wasmflow up` printed it to the server log); in a
+    terminal the server stays up until Enter, so the link can be opened."""
+    import re
+
+    found = re.search(r"console: (http://\S+/login\S*)", log_path.read_text(errors="replace"))
+    if found is None:
+        return
+    console.rule("[bold]Console")
+    console.print(f"open {found.group(1)} to see these runs in the web console (the link logs in once)",
+                  soft_wrap=True)
+    if sys.stdin.isatty():
+        console.print("the server stays up for it: press Enter (or Ctrl-C) to stop")
+        try:
+            input()
+        except (EOFError, KeyboardInterrupt):
+            pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     state_dir = ROOT / ".wasmflow"
     demo_dir = state_dir / "demo"
@@ -225,6 +244,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             console.print(f"[bold]Inline review[/bold] ({len(rv['_comments'])} comment(s), one GitHub review):")
             for c in rv["_comments"]:
                 console.print(f"  {c['path']}:{c['line']}  {c['body']}")
+        for check in standin.check_runs(REPO):  # the review's check run on the head commit
+            output = check.get("output") or {}
+            console.print(f"[bold]Check run[/bold] {check['name']!r} on {check['head_sha'][:7]}: {check['status']}, "
+                          f"conclusion [bold]{check['conclusion']}[/bold] - {output.get('title')}")
+            if output.get("summary"):
+                console.print(Panel(Markdown(output["summary"].split("<sub>")[0]), title="check run summary", expand=True))
         console.rule("[bold]The triage comment on issue #%d" % new_issue.number)
         triage = standin.comments(REPO, new_issue.number)
         for c in triage:
@@ -261,6 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "Step by step: docs/github-app.md.",
             title="next steps", expand=True))
         ok = review is not None and all(r.state == "done" for r in runs)
+        show_console_link(log_path)
         return 0 if ok else 1
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from .github_manifest_standin import ManifestStandin
+from .github_review_standin import ReviewStandin
 from .loopback import LoopbackServer
 
 JSON_BODY = web.RequestKey("json_body", object)  # the parsed request body, set by the middleware
@@ -152,7 +154,7 @@ class Recorded:
     auth: str  # "jwt", "installation", "none"
 
 
-class GithubStandin(LoopbackServer):
+class GithubStandin(ManifestStandin, ReviewStandin, LoopbackServer):
     """The stand-in server and its state. All public methods are thread-safe for use from tests."""
 
     def __init__(self, app_id: int = 4242, app_slug: str = "wasmflow-review", public_key_pem: Optional[str] = None,
@@ -457,10 +459,18 @@ class GithubStandin(LoopbackServer):
         r.add_post("/repos/{o}/{r}/issues/{n:\\d+}/labels", self.h_add_labels)
         r.add_get("/repos/{o}/{r}/labels", self.h_labels)
         r.add_get("/search/issues", self.h_search_issues)
+        self.add_manifest_routes(r)  # the App manifest flow: GitHub's web form and the code conversion
+        self.add_review_routes(r)  # check runs, collaborator permission, contents per ref, PR edits
         return app
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.is_manifest_path(request.path):  # web pages and the manifest conversion: no token, not JSON
+            try:
+                web_resp = await handler(request)
+            except web.HTTPException as exc:
+                web_resp = self._error(exc.status, exc.reason)
+            return self._record(request, None, "web", web_resp)
         body: Any = None
         if request.can_read_body:
             raw = await request.read()
@@ -652,6 +662,9 @@ class GithubStandin(LoopbackServer):
                                               "status": "422"}, status=422)
                 if not c.get("body"):
                     return self._error(422, "Unprocessable Entity: comment body is empty")
+                start = c.get("start_line")  # a multi-line comment: start_line < line, both in the diff
+                if start is not None and (not isinstance(start, int) or start >= line or start not in f.new_side_lines()):
+                    return self._error(422, "Unprocessable Entity: start_line must be part of the diff and before line")
             rid = self._next_id()
             review = {"id": rid, "node_id": f"PRR_{rid}", "user": self.bot_user(), "body": data.get("body", ""),
                       "state": "COMMENTED" if event == "COMMENT" else event, "commit_id": commit,

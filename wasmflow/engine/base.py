@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from wasmflow.host_functions.spec import Event, RunContext
+from wasmflow.host_functions.spec import CancelSignal, Event, RunContext, TokenBudget
 
 
 class Status(str, enum.Enum):
@@ -29,6 +29,8 @@ class Status(str, enum.Enum):
     # host failed around the run (transient, retried); the process running it stopped before it finished.
     UPSTREAM = "upstream"
     LOST = "lost"
+    # Stopped on request (`wasmflow cancel`, a newer run of the same concurrency key): never retried.
+    CANCELLED = "cancelled"
 
     def __str__(self) -> str:  # so f-strings print "ok", not "Status.OK"
         return self.value
@@ -65,6 +67,7 @@ class RunResult:
     denials: list[str] = field(default_factory=list)
     upstream_failures: list[str] = field(default_factory=list)
     truncated: dict[str, int] = field(default_factory=dict)  # output kind (logs, stdout...) -> items cut at a cap
+    llm_tokens: int = 0  # prompt + generated tokens of the run's LLM calls (what a flow's `budget` counts)
     instantiate_ms: float = 0.0
     run_ms: float = 0.0
     engine: str = ""
@@ -88,6 +91,8 @@ class RunRequest:
     env: Optional[dict[str, str]] = None  # extra WASI environment (wasmflow exec); default: config + secrets
     stdin: Optional[bytes] = None
     inherit_stdio: bool = False  # wasmflow exec: pass stdout/stderr through instead of capturing
+    cancel: Optional[CancelSignal] = None  # set from another thread to stop the run (the dispatcher's)
+    budget: Optional[TokenBudget] = None  # the flow's LLM token budget for this run's key
 
     def context(self) -> RunContext:
         timeout = self.flow.limits.timeout
@@ -98,6 +103,8 @@ class RunRequest:
             attempt=self.attempt,
             execution=self.execution,
             deadline=time.monotonic() + timeout,
+            cancel=self.cancel,
+            budget=self.budget,
         )
 
 

@@ -40,6 +40,9 @@ How the WasmEdge pieces map onto that contract:
   WasmEdge has no table limit at all, so a module whose tables could grow past the flow's
   `table_elements` runs from a copy whose table section declares that maximum (parsed, or compiled,
   once per distinct cap and kept with the module): table.grow past it fails inside WasmEdge.
+- **WASI clock and random**: host functions of module `wasi_snapshot_preview1` (the transcript's
+  `clock_time_get` and `random_get`, so recorded runs replay exactly) are added to each run's WASI
+  instance with `WasmEdge_ModuleInstanceAddFunction`, which replaces WasmEdge's own under that name.
 - **Halt**: a host call that ends the run (`RunContext.halt`) returns `WasmEdge_Result_Terminate`
   from the trampoline, which unwinds the guest at once; the status comes from `RunContext.halted`.
 - **Memory safety**: every object we create is released exactly once, by a `_Releaser` that runs in
@@ -85,6 +88,7 @@ __all__ = ["WasmEdgeEngine", "WasmEdgeModule", "WasmEdgeUnavailable"]
 # freeing its store under a running thread would be a use-after-free).
 CANCEL_GRACE_MS = 5000
 WAIT_SLICE_MS = 200  # the deadline wait wakes this often, so signals reach Python during long runs
+CANCEL_SLICE_MS = 10  # a cancellable run's wait wakes this often to look at its cancel signal
 
 # wasi_snapshot_preview1 as the standard defines it (and wasmtime provides). WasmEdge's WASI module
 # adds its own socket extension (sock_open, sock_connect, sock_getaddrinfo, ...), which would give a
@@ -405,7 +409,15 @@ class WasmEdgeEngine:
         # One host module per import module name, shared by every run.
         self._host_modules: list[int] = []
         by_module: dict[str, list[tuple[int, HostFunction]]] = {}
+        # Host functions of the WASI module itself (the clock and random values, served by the host so
+        # that transcripts record them) are added to each run's WASI instance instead, replacing its own.
+        self._wasi_functions: list[tuple[int, int]] = []  # (dispatch index, function type)
         for index, fn in enumerate(self._dispatch.functions, start=1):
+            if fn.module == WASI_MODULE:
+                ftype = self._function_type(fn)
+                self._owned.add(lib.WasmEdge_FunctionTypeDelete, ftype)
+                self._wasi_functions.append((index, ftype))
+                continue
             by_module.setdefault(fn.module, []).append((index, fn))
         for module_name, entries in by_module.items():
             module = _check(lib.WasmEdge_ModuleInstanceCreate(capi.Name(module_name).s), "host module")
@@ -429,6 +441,22 @@ class WasmEdgeEngine:
                     lib.WasmEdge_ModuleInstanceAddFunction(module, capi.Name(fn.name).s, func)  # module owns it now
                 finally:
                     lib.WasmEdge_FunctionTypeDelete(ftype)  # the function instance keeps its own copy
+
+    def _function_type(self, fn: HostFunction) -> int:
+        params = [self._valtype(t) for t in fn.wasm_params]
+        results = [self._valtype(t) for t in fn.results]
+        return _check(self.lib.WasmEdge_FunctionTypeCreate(
+            (capi.ValType * max(1, len(params)))(*params), len(params),
+            (capi.ValType * max(1, len(results)))(*results), len(results)), "function type")
+
+    def _override_wasi(self, wasi: int) -> None:
+        """Put the host's clock_time_get and random_get into this run's WASI instance (a module instance
+        keeps the last function added under a name, so these replace WasmEdge's own)."""
+        lib = self.lib
+        for index, ftype in self._wasi_functions:
+            fn = self._dispatch.functions[index - 1]
+            func = _check(lib.WasmEdge_FunctionInstanceCreate(ftype, self._dispatch.callback, index, 0), "host function")
+            lib.WasmEdge_ModuleInstanceAddFunction(wasi, capi.Name(fn.name).s, func)  # the WASI module owns it now
 
     def _valtype(self, kind: str) -> capi.ValType:
         return self.lib.i32 if kind == "i32" else self.lib.i64
@@ -674,6 +702,7 @@ class WasmEdgeEngine:
             owned.add(lib.WasmEdge_ExecutorDelete, executor)
             wasi = self._create_wasi(request, stdio)
             owned.add(lib.WasmEdge_ModuleInstanceDelete, wasi)
+            self._override_wasi(wasi)
             for imported in (wasi, *self._host_modules):
                 res = lib.WasmEdge_ExecutorRegisterImport(executor, store, imported)
                 if not lib.ok(res):
@@ -714,9 +743,13 @@ class WasmEdgeEngine:
         handle = _check(lib.WasmEdge_ExecutorAsyncInvoke(executor, start, None, 0), "WasmEdge_ExecutorAsyncInvoke")
         try:
             timed_out = False
+            slice_ms = WAIT_SLICE_MS if ctx.cancel is None else CANCEL_SLICE_MS
             try:
-                while not lib.WasmEdge_AsyncWaitFor(handle, min(WAIT_SLICE_MS, max(0, math.ceil(ctx.remaining() * 1000)))):
+                while not lib.WasmEdge_AsyncWaitFor(handle, min(slice_ms, max(0, math.ceil(ctx.remaining() * 1000)))):
                     if ctx.remaining() <= 0:
+                        reason = ctx.cancelled()
+                        if reason is not None and (ctx.halted is None or ctx.halted[0] == "timeout"):
+                            ctx.halted = ("cancelled", reason)  # stopped the deadline's way, but on request
                         timed_out = True
                         lib.WasmEdge_AsyncCancel(handle)
                         if not lib.WasmEdge_AsyncWaitFor(handle, CANCEL_GRACE_MS):

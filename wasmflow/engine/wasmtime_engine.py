@@ -185,6 +185,9 @@ class WasmtimeEngine:
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
+        # The host serves WASI's clock_time_get and random_get itself (host_functions/transcript.py), so
+        # the time and randomness a guest consumes are recorded and replayable: they shadow WASI's own.
+        self.linker.allow_shadowing = True
         self._callbacks: list[Any] = []
         # Host functions are defined on the linker when a module that imports them is loaded: a process
         # offers dozens and a guest imports a few, and each costs a callback and a compiled reader.
@@ -308,7 +311,11 @@ class WasmtimeEngine:
                     result.error = f"flow {flow.name!r}: allow.dirs entry {entry!r} cannot be opened: {_first_line(exc)}"
                     return result
             store.set_wasi(wasi)
-            store.set_epoch_deadline(max(1, math.ceil(limits.timeout * 1000 / EPOCH_MS)))
+            if ctx.cancel is None:
+                store.set_epoch_deadline(max(1, math.ceil(limits.timeout * 1000 / EPOCH_MS)))
+            else:  # cancellable: look at the cancel signal (and the deadline) on every epoch tick
+                _set_epoch_callback(ctypes.cast(store.ptr(), ctypes.c_void_p), _on_epoch, None, _no_finalizer)
+                store.set_epoch_deadline(1)
             self._execute(module, store, ctx, result)
         finally:
             if stdin_file is not None:
@@ -394,6 +401,39 @@ def _export_func(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _no_finalizer(_env: Any) -> None:
     return None
+
+
+# wasmtime_store_epoch_deadline_callback, declared here with a plain pointer for the context: the
+# binding's own callback type would build a wasmtime-py wrapper object on every tick.
+# (`dll[name]` is a function object of our own: wasmtime-py's keeps its argtypes.)
+_set_epoch_callback = ffi.dll["wasmtime_store_epoch_deadline_callback"]
+_set_epoch_callback.restype = None
+_EPOCH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                   ctypes.POINTER(ctypes.c_uint8))
+_set_epoch_callback.argtypes = [ctypes.c_void_p, _EPOCH_CALLBACK, ctypes.c_void_p, type(_no_finalizer)]
+
+
+@_EPOCH_CALLBACK
+def _on_epoch(_context: Any, _env: Any, delta: Any, kind: Any) -> int:
+    """Epoch deadline callback of a cancellable run, called on the guest's thread every `EPOCH_MS`:
+    go on for one more tick, or end the run (cancelled, or past its deadline) with the reason in
+    `RunContext.halted`, which decides the status. The same interrupt as the deadline's, so a cancel
+    stops a looping guest within one epoch tick of the signal."""
+    ctx = getattr(_current, "run", None)
+    try:
+        reason = ctx.cancelled() if ctx is not None else None
+        if ctx is not None and reason is None and ctx.deadline > time.monotonic():
+            delta[0] = 1
+            kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+            return 0
+        if ctx is not None and reason is not None:
+            ctx.halted = ("cancelled", reason)
+        elif ctx is not None and ctx.halted is None:
+            ctx.halted = ("timeout", f"deadline of {ctx.flow.limits.timeout:g}s passed")
+    except Exception:  # nothing may raise through C; stop the guest
+        log.exception("epoch callback failed")
+    error = ffi.wasmtime_error_new(b"wasm trap: interrupt")  # wasmtime owns it from here
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
 
 
 def _write_process_stdout(data: bytes) -> int:

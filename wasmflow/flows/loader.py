@@ -116,7 +116,21 @@ def load_flows(path: Path, env: Optional[Mapping[str, str]] = None) -> LoadedFlo
         errors = exc.errors()
         found = _dedupe([_from_pydantic(path, err, data, reader.lines) for err in errors[:MAX_PROBLEMS]])
         raise FlowsError.of(found, len(found) + len(errors) - MAX_PROBLEMS) from None
+    flows = _with_stored_github(path, flows, reader.lines.get(("github",)))
     return LoadedFlows(flows, path.resolve())
+
+
+def _with_stored_github(path: Path, flows: FlowsFile, line: Optional[int]) -> FlowsFile:
+    """The `github:` section completed from the App that `wasmflow github register` stored, if any."""
+    from .github_credentials import CredentialsError, fill_github, load_app
+
+    base_dir = path.resolve().parent
+    try:
+        stored = load_app(base_dir / flows.state_dir)
+    except CredentialsError as exc:
+        raise FlowsError(path, line, "github", f"the stored GitHub App: {exc}") from None
+    github = fill_github(flows.github, stored, base_dir)
+    return flows if github is flows.github else flows.model_copy(update={"github": github})
 
 
 def _read(path: Path) -> str:

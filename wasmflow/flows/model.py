@@ -182,6 +182,9 @@ _GGML_OPTIONS: dict[str, _Option] = {
     "frequency-penalty": ("number", -100, 100), "embedding": ("bool", None, None),
     "stream-stdout": ("bool", None, None), "ignore-eos": ("bool", None, None), "enable-log": ("bool", None, None),
     "enable-debug-log": ("bool", None, None),
+    # continuous batching (wasi_nn/batch_scheduler.py)
+    "batching": ("bool", None, None), "sequences": ("int", 1, 64), "kv-size": ("int", 16, 4_194_304),
+    "prefix-cache-mib": ("int", 0, 65_536),
 }
 _GGML_ALIASES = {"ngl": "n-gpu-layers"}
 _ONNX_OPTIONS: dict[str, _Option] = {"threads": ("int", 1, 1024)}
@@ -312,6 +315,9 @@ class Limits(Strict):
     response_headers: int_in(0, 10_000) = 64
     response_header_bytes: size_in(0, 16 * 1024**2) = 64 * 1024
     response_body: size_in(0, 1024**3) = 8 * 1024**2
+    # The run's transcript of host calls (offline replay, docs/replay.md): past it the transcript is marked
+    # truncated and a replay says it cannot be exact; 0 records nothing.
+    transcript: size_in(0, 1024**3) = 4 * 1024**2
 
 
 class Retry(Strict):
@@ -490,6 +496,77 @@ class LlmSettings(Strict):
     embeddings: Optional[LlmEndpoint] = None
 
 
+def _check_key(value: Optional[str]) -> Optional[str]:
+    from .keys import parse_template
+
+    if value is not None:
+        parse_template(value)  # KeyTemplateError is a ValueError: pydantic reports it at the field
+    return value
+
+
+KeyText = Annotated[str, AfterValidator(_check_key)]
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?\s*(?:ms|s|m|h|d))\s*$")
+
+
+class Concurrency(Strict):
+    """`concurrency:` how runs of the flow that share a key relate (docs/control-plane.md).
+
+    At most `limit` run at once per key, across every worker. A new run over the limit: `queue` waits
+    its turn; `cancel-running` cancels the running ones (the newest event wins); `skip-new` is not run
+    (recorded `cancelled`, skipped); `replace-queued` replaces the runs of the key still waiting.
+    """
+
+    key: Optional[KeyText] = None  # None: one key for the whole flow
+    limit: int_in(1, 10_000) = 1
+    on_conflict: Literal["queue", "cancel-running", "skip-new", "replace-queued"] = "queue"
+
+
+class Debounce(Strict):
+    """`debounce:` events of one key arriving within `period` of each other become one run, on the
+    newest event; a run still starts at the latest `max_wait` after its first event."""
+
+    period: duration_in(0.001, 86400.0)
+    max_wait: Optional[duration_in(0.001, 7 * 86400.0)] = None
+    key: Optional[KeyText] = None  # default: the concurrency key (they must agree)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Debounce":
+        if self.max_wait is not None and self.max_wait < self.period:
+            raise FieldError(f"debounce.max_wait ({format_duration(self.max_wait)}) is shorter than its period "
+                             f"({format_duration(self.period)}); no event could ever be merged", ("max_wait",))
+        return self
+
+
+class Rate(Strict):
+    """`rate: 30/h` (or `{limit: 30, per: 1h, key: ...}`): runs started per key and period; over it a run
+    is recorded `denied` and never executed."""
+
+    limit: int_in(1, 1_000_000)
+    per: duration_in(0.001, 366 * 86400.0)
+    key: Optional[KeyText] = None  # default: the concurrency key
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            match = _RATE.match(data)
+            if not match:
+                raise ValueError(f"expected a rate like 30/h, 100/d or 5/10m, got {abbreviate(data)}")
+            count, per = match.groups()
+            per = per.strip()
+            return {"limit": int(count), "per": per if per[0].isdigit() else f"1{per}"}
+        return data
+
+
+class Budget(Strict):
+    """`budget: {llm_tokens: 200000, per: 1d, key: "{installation}"}`: LLM tokens the flow's runs of one key
+    may spend per period; once spent, LLM calls are refused ("budget exhausted")."""
+
+    llm_tokens: int_in(1, 10**12)
+    per: duration_in(1.0, 366 * 86400.0)
+    key: Optional[KeyText] = None  # default: the concurrency key
+
+
 class Flow(Strict):
     name: Annotated[str, AfterValidator(_check_name)]
     module: str  # a crate directory to build (guest-examples/hello) or a .wasm path
@@ -502,6 +579,49 @@ class Flow(Strict):
     limits: Limits = Limits()
     retry: Retry = Retry()
     llm: Optional[LlmSettings] = None
+    concurrency: Optional[Concurrency] = None
+    debounce: Optional[Debounce] = None
+    rate: Optional[Rate] = None
+    budget: Optional[Budget] = None
+
+    @model_validator(mode="after")
+    def _key_fields(self) -> "Flow":
+        """A key field no event of the flow's triggers can carry is an error: every run would share a key."""
+        from .keys import check_fields, parse_template
+
+        github = [e for t in self.on if t.github is not None for e in t.github.events]
+        schedule = any(t.schedule is not None for t in self.on)
+        open_body = not self.on or any(t.http is not None for t in self.on)
+        first: Optional[tuple[str, str]] = None
+        for section in ("concurrency", "debounce", "rate", "budget"):
+            key = getattr(getattr(self, section), "key", None)
+            if key is None:
+                continue
+            problem = check_fields(parse_template(key), github, schedule, open_body)
+            if problem:
+                raise FieldError(problem, (section, "key"))
+            if section == "budget":
+                continue
+            if first is not None and key != first[1]:
+                raise FieldError(f"{section}.key {key!r} differs from {first[0]}.key {first[1]!r}: concurrency, "
+                                 f"debounce and rate group runs by one key; give it once", (section, "key"))
+            first = first or (section, key)
+        return self
+
+    @property
+    def run_key(self) -> Optional[str]:
+        """The key template runs are grouped by for `concurrency`, `debounce` and `rate` (None: one key)."""
+        for section in ("concurrency", "debounce", "rate"):
+            key = getattr(getattr(self, section), "key", None)
+            if key is not None:
+                return key
+        return None
+
+    @property
+    def budget_key(self) -> Optional[str]:
+        """The key template of `budget` (its own, else the run key)."""
+        own = self.budget.key if self.budget is not None else None
+        return own or self.run_key
 
 
 class ModelSpec(Strict):
@@ -524,8 +644,28 @@ class GithubApp(Strict):
     private_key: str  # a path to a PEM file, or the PEM itself
     webhook_secret: str
     api_url: str = "https://api.github.com"
+    # GitHub's web pages (the App manifest form): derived from api_url when unset (github.com for
+    # api.github.com, https://HOST for https://HOST/api/v3); set it for other layouts.
+    web_url: Optional[str] = None
     bot_login: Optional[str] = None
     min_write_interval: duration_in(0.0, 60.0) = 1.0  # GitHub asks for a second between content-creating requests
+
+
+class ConsoleSettings(Strict):
+    """`console:` - the web console's operator token (`${WASMFLOW_CONSOLE_TOKEN}`); empty: none set, and
+    `wasmflow up` prints a one-time login link instead (on loopback only)."""
+
+    token: Optional[str] = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or value == "":
+            return None
+        if len(value) < 16 or value != value.strip():
+            raise ValueError("console.token must be at least 16 characters without surrounding spaces "
+                             "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return value
 
 
 class FlowsFile(Strict):
@@ -535,6 +675,7 @@ class FlowsFile(Strict):
     models: dict[str, ModelSpec] = {}
     github: Optional[GithubApp] = None
     flows: list[Flow] = []
+    console: ConsoleSettings = ConsoleSettings()
 
     @model_validator(mode="after")
     def _unique(self) -> "FlowsFile":

@@ -34,10 +34,12 @@ class Host:
         from .core import CoreCapability
         from .http import HttpCapability
         from .kv import KeyValueCapability, KeyValueStore
+        from .transcript import TranscriptCapability
 
         if db is None:
             db = open_database(default_url(state_dir or Path(".wasmflow")))
-        return cls([CoreCapability(), ConfigCapability(), KeyValueCapability(KeyValueStore(db)), HttpCapability(), *extra])
+        return cls([CoreCapability(), ConfigCapability(), KeyValueCapability(KeyValueStore(db)), HttpCapability(),
+                    TranscriptCapability(), *extra])
 
     def capability(self, name: str) -> Capability:
         for cap in self.capabilities:

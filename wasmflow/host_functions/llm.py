@@ -148,6 +148,13 @@ class LlmCapability(Capability):
             raise HostError(Code.LIMIT, f"more than {MAX_CALLS} LLM calls in one run")
         if run.remaining() <= 0:
             raise HostError(Code.TIMEOUT, "the run's deadline has passed")
+        budget = run.budget
+        if budget is not None and budget.left() <= 0:
+            # Refused, not failed: the guest may go on without the model (the review bot posts a
+            # neutral check); if it fails, the run ends `denied` with this reason.
+            reason = f"llm: budget exhausted: {budget.describe()} already spent"
+            run.note(reason)
+            raise run.deny(reason)
         state.calls += 1
         return state
 
@@ -206,6 +213,8 @@ class LlmCapability(Capability):
         state.seconds += elapsed
         state.prompt_tokens += result["usage"].get("prompt_tokens") or 0
         state.completion_tokens += result["usage"].get("completion_tokens") or 0
+        if run.budget is not None:
+            run.budget.spend((result["usage"].get("prompt_tokens") or 0) + (result["usage"].get("completion_tokens") or 0))
         result["ms"] = round(elapsed * 1000, 1)
         return write_result(call, out, json.dumps(result).encode())
 

@@ -65,6 +65,30 @@ class Halt(Exception):
         self.reason = reason
 
 
+class CancelSignal:
+    """Set from any thread to stop one run, the way its deadline would: it makes the deadline pass at once.
+
+    The dispatcher hands one to each run it executes and sets it when the run is cancelled. Whatever
+    stops a run at its deadline then stops it now (the engines' interrupt check, the LLM token loop,
+    back-end waits bounded by `RunContext.remaining`), and the run is reported `cancelled`, not
+    `timeout`. `at` is when it was set (time.monotonic), for measuring how fast a guest stops.
+    """
+
+    __slots__ = ("reason", "at")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.at: float | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.at = time.monotonic()
+            self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
 class GuestMemory(Protocol):
     """Bounds-checked view of a guest's linear memory, valid for one host call."""
 
@@ -228,7 +252,8 @@ def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]"
     """
     run = call.run
     try:
-        code = int(fn.apply(fn.body, call, args))
+        tape = run.tape  # the run's transcript recorder or replay tape (host_functions/transcript.py)
+        code = int(fn.apply(fn.body, call, args) if tape is None else tape.call(fn, call, args))
     except HostError as err:
         if err.code == Code.BAD_POINTER:
             run.denials.append(f"{fn.module}::{fn.name}: {err.message}")
@@ -240,6 +265,9 @@ def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]"
         _log.exception("host function %s::%s failed in run %s", fn.module, fn.name, run.run_id)
         code = int(Code.INTERNAL)
         run.record_error(fn, code, f"internal host error; the host logged it with run id {run.run_id}")
+    cancel = run.cancel
+    if cancel is not None and cancel.reason is not None and (run.halted is None or run.halted[0] == "timeout"):
+        run.halted = ("cancelled", cancel.reason)  # the early deadline a cancel makes is not a timeout
     if run.halted is not None:
         raise Halt(*run.halted)
     return code
@@ -287,13 +315,29 @@ class RunContext:
     halted: tuple[str, str] | None = None  # (status, reason) once a host-enforced limit ended the run
     truncated: dict[str, int] = field(default_factory=dict)  # output kind -> items cut or refused at a cap
     last_error: bytes | None = None  # "module::name: message" of the most recent failed call (`last_error`)
+    # Set by the dispatcher when the run is cancelled (None: a run nobody can cancel, e.g. `wasmflow run`).
+    cancel: CancelSignal | None = None
+    # The flow's LLM token budget for this run's key, if it has one: the LLM host functions ask it before
+    # each call and tell it what the call spent (see `TokenBudget`).
+    budget: "TokenBudget | None" = None
+    # Records (or, on an offline replay, answers) the calls that reach outside the guest: see
+    # wasmflow/host_functions/transcript.py. None: the run is neither recorded nor replayed.
+    tape: Any = None
     _results: dict[int, bytes] = field(default_factory=dict)
     _next_handle: int = 1
     _notes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def remaining(self) -> float:
+        """Seconds left before the deadline; -1 once the run is cancelled (its deadline passed early)."""
+        cancel = self.cancel
+        if cancel is not None and cancel.reason is not None:
+            return -1.0
         return self.deadline - time.monotonic()
+
+    def cancelled(self) -> str | None:
+        """Why the run was cancelled ("cancelled by ..."), or None."""
+        return self.cancel.reason if self.cancel is not None else None
 
     def record_error(self, fn: "HostFunction", code: int, message: str) -> None:
         """Keep why a call failed so the guest can read it with `last_error` (a code alone says too little).
@@ -359,6 +403,21 @@ def write_result(call: Call, out_ptr: int, data: bytes) -> int:
     handle, length = call.run.put_result(data)
     call.memory.write(out_ptr, struct.pack("<II", handle, length))
     return Code.OK
+
+
+class TokenBudget(Protocol):
+    """What the LLM host functions need of a token budget; the platform supplies one per run.
+
+    `left()` is the tokens still allowed (0 or less: exhausted), `spend(n)` records a call's tokens,
+    and `describe()` names the budget in the error a refused call gets ("200000 tokens per 1d for key
+    acme"). The host functions never see the store: the platform sums what was spent before the run.
+    """
+
+    def left(self) -> int: ...
+
+    def spend(self, tokens: int) -> None: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass(frozen=True)

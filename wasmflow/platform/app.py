@@ -10,6 +10,7 @@ own, and the scheduler is elected with an advisory lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -22,6 +23,11 @@ from typing import Callable, Iterable, Optional
 
 from aiohttp import web
 
+from wasmflow.console.auth import ConsoleAuth
+from wasmflow.console.server import mount_console
+from wasmflow.console.services import ConsoleServices
+from wasmflow.console.setup import add_setup_routes
+from wasmflow.platform.github_manifest import Registrar
 from wasmflow.platform.ingress import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY, Ingress, error
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.queue import Queue
@@ -53,6 +59,9 @@ class Options:
     scheduler: bool = True
     dispatch: bool = True
     webhook_secret: Optional[str] = None  # default: flows.yaml's github.webhook_secret, else $GITHUB_WEBHOOK_SECRET
+    console: bool = True  # serve the web console (and its /api/) at / behind its login
+    console_token: Optional[str] = None  # default: flows.yaml's console.token, else a one-time login token
+    public_url: Optional[str] = None  # where GitHub reaches this server (/setup); default $WASMFLOW_PUBLIC_URL
 
 
 class _Elected(Election):
@@ -85,6 +94,8 @@ class Platform:
         self.postgres = self.db.dialect.name == "postgresql"
         self.owner = worker_name()
         self.metrics = Metrics()
+        with contextlib.suppress(KeyError, AttributeError):  # local LLM serving figures (issue 14)
+            self.metrics.watch_models(runtime.host.capability("nn").registry.stats)
         self.queue = Queue(self.db, self.owner, lease_seconds=self.options.lease_seconds)
         self.dispatcher: Optional[Dispatcher] = None
         if self.options.dispatch:
@@ -100,6 +111,8 @@ class Platform:
         self._lock_fd: Optional[int] = None
         self._checkpointer: Optional[threading.Thread] = None
         self._started = False
+        console = getattr(runtime.flows, "console", None)
+        self.console_auth = ConsoleAuth.create(self.options.console_token or getattr(console, "token", None))
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -187,7 +200,49 @@ class Platform:
         ingress.add_routes(app)
         for hook in extra_routes:
             hook(app, self.runtime)
+        if self.options.console:
+            mount_console(app, self.console_services(), self.console_auth)
+            # /setup: the GitHub App in one click, behind the console's login (docs/github-app.md).
+            add_setup_routes(app, Registrar(self.runtime.flows, self.runtime.state_dir,
+                                            self.options.public_url or os.environ.get("WASMFLOW_PUBLIC_URL")))
         return app
+
+    def console_services(self) -> ConsoleServices:
+        """What the web console may read and do here: this store, these flows, replay and cancel."""
+        from wasmflow.platform.queue import ReplayError, replay
+
+        flows = self.runtime.flows
+        transcript = None
+        try:
+            from wasmflow.platform.transcripts import load_transcript  # per-run host activity, where recorded
+
+            def transcript(run_id: str) -> Optional[list[dict]]:  # type: ignore[misc]
+                found = load_transcript(self.db, run_id)
+                return found.activity() if found is not None else None
+        except ImportError:
+            pass
+        models = None
+        try:
+            registry = self.runtime.host.capability("nn").registry
+            models = registry.stats
+        except (KeyError, AttributeError):
+            pass
+        counter = self.metrics.events_received
+
+        def ingress_counts() -> dict[str, float]:
+            totals: dict[str, float] = {}
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        outcome = sample.labels.get("outcome", "")
+                        totals[outcome] = totals.get(outcome, 0.0) + sample.value
+            return totals
+
+        return ConsoleServices(
+            db=self.db, flows=flows, base_dir=self.runtime.base_dir, engine=self.runtime.engine_override or flows.engine,
+            replay=lambda ref: replay(self.db, ref, flows), replay_errors=(ReplayError,),
+            cancel=self.queue.cancel if hasattr(self.queue, "cancel") else None,
+            transcript=transcript, models=models, ingress_counts=ingress_counts)
 
 
 def ops_app(platform: Platform) -> web.Application:

@@ -1,4 +1,4 @@
-"""Control-plane commands: `up`, `worker`, `runs`, `logs`, `events`, `replay`.
+"""Control-plane commands: `up`, `worker`, `runs`, `logs`, `events`, `replay`, `cancel`, `concurrency`.
 
 The serving commands build a Runtime and a Platform; the reading commands only open the store named by
 flows.yaml (or --database-url), so they work while a server runs and never load a module or a model.
@@ -101,9 +101,12 @@ def _apply(options):  # type: ignore[no-untyped-def]
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--max-body", type=int, default=25 * 1024 * 1024, show_default=True,
               help="largest request body accepted, in bytes (413 above)")
+@click.option("--public-url", default=None, envvar="WASMFLOW_PUBLIC_URL",
+              help="where GitHub reaches this server, for the App set-up at /setup (default: $WASMFLOW_PUBLIC_URL)")
 @_apply(_serve_options)
 def up_command(host: str, port: int, max_body: int, workers: int, lease: float, grace: float,
-               engine: Optional[str], log_level: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
+               engine: Optional[str], log_level: str, database_url: Optional[str], flows_path: Optional[Path],
+               public_url: Optional[str] = None) -> None:
     """Serve webhooks, HTTP triggers, schedules and workers in one process (SQLite by default)."""
     from wasmflow.platform.app import Platform, PlatformError, default_route_hooks
     from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform
@@ -116,7 +119,11 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
         err_console.print("[red]error:[/red] --workers 0 leaves runs to `wasmflow worker` processes, which need "
                           "PostgreSQL (--database-url); on SQLite `wasmflow up` runs them itself")
         sys.exit(2)
-    platform = Platform(runtime, _platform_options(workers, lease, grace, max_body, dispatch=workers > 0))
+    platform = Platform(runtime, _platform_options(workers, lease, grace, max_body, dispatch=workers > 0,
+                                                   public_url=public_url))
+    if not _console_may_serve(platform, host):
+        runtime.close()
+        sys.exit(2)
     watch_platform(stopping, platform)
     if stopping.is_set():  # stopped while loading: nothing was claimed
         runtime.close()
@@ -128,7 +135,8 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
         runtime.close()
         sys.exit(2)
     try:
-        asyncio.run(serve_until_stopped(stopping, platform, host, port, extra_routes=default_route_hooks()))
+        asyncio.run(serve_until_stopped(stopping, platform, host, port, extra_routes=default_route_hooks(),
+                                        ready=lambda bound: _print_console_link(platform, host, bound)))
     except OSError as exc:  # port in use, address not available
         platform.stop()
         err_console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror or exc} "
@@ -140,6 +148,31 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
             logging.shutdown()
             os._exit(0)
         runtime.close()
+
+
+def _console_may_serve(platform, host: str) -> bool:  # type: ignore[no-untyped-def]
+    """The console is never served open to a network: off loopback it needs a configured token."""
+    from wasmflow.console.server import is_loopback
+
+    if platform.console_auth.token or is_loopback(host):
+        return True
+    err_console.print(
+        f"[red]error:[/red] --host {escape(host)} serves the web console beyond this machine, and no console "
+        "token is set: add `console: {token: ${WASMFLOW_CONSOLE_TOKEN}}` to flows.yaml and export "
+        "WASMFLOW_CONSOLE_TOKEN (python -c 'import secrets; print(secrets.token_urlsafe(32))'), "
+        "or serve on 127.0.0.1", soft_wrap=True)
+    return False
+
+
+def _print_console_link(platform, host: str, port: int) -> None:  # type: ignore[no-untyped-def]
+    """Once listening: where the console is, with the one-time login token when none is configured."""
+    from wasmflow.console.server import login_link
+
+    auth = platform.console_auth
+    if auth.token:
+        console.print(f"console: {login_link(host, port, None)} (log in with console.token)", soft_wrap=True)
+    elif auth.one_time:
+        console.print(f"console: {login_link(host, port, auth.one_time)} (one-time login link)", soft_wrap=True)
 
 
 @click.command("worker")
@@ -233,6 +266,10 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
     db = _open_store(flows_path, database_url)
     run = get_run(db, run_id)
     if run is None:
+        from wasmflow.platform.replay_report import print_recorded_run
+
+        if print_recorded_run(db, run_id):  # a `wasmflow run` run: only its transcript is stored
+            return
         err_console.print(f"[red]error:[/red] no run {escape(clean(run_id))}")
         sys.exit(1)
     event = get_event(db, run.event_id)
@@ -256,6 +293,12 @@ def logs_command(run_id: str, database_url: Optional[str], flows_path: Optional[
                           f"{a.duration_ms:.1f}" if a.duration_ms is not None else "",
                           guest_text((a.error or "")[:100]))
         console.print(table)
+    from wasmflow.platform.replay_report import activity_table
+    from wasmflow.platform.transcripts import load_transcript
+
+    transcript = load_transcript(db, run.id)
+    if transcript is not None and transcript.doc.get("entries"):
+        console.print(activity_table(transcript))
     for ts, level, message in decode_logs(run.logs):
         stamp = datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
         console.print(Text.assemble((stamp, "dim"), f" {level:5} ", guest_text(message, indent=len(stamp) + 7)),
@@ -301,14 +344,51 @@ def events_command(source: Optional[str], limit: int, database_url: Optional[str
 
 
 @click.command("replay")
-@click.argument("ref")
+@click.argument("ref", required=False)
+@click.option("--dead", is_flag=True, help="queue a replay of every dead run matching --flow/--since/--status/"
+                                           "--repo/--trigger (one not replayed since)")
+@click.option("--status", "dead_status", default=None, help="with --dead: only runs of this outcome (trap, timeout...)")
+@click.option("--repo", "dead_repo", default=None, help="with --dead: only runs of this repository (owner/name)")
+@click.option("--trigger", "dead_trigger", type=click.Choice(["github", "schedule", "http", "manual"]), default=None,
+              help="with --dead: only runs of this trigger")
+@click.option("--dry-run", is_flag=True, help="with --dead: count the matching runs, queue nothing")
+@click.option("--offline", is_flag=True,
+              help="run the module here against the run's transcript: no network, no writes, no model; "
+                   "says `identical` or the first divergent call")
+@click.option("--module", "module", default=None,
+              help="with --offline: a new build (NEW.wasm or a crate) to run against the recorded inputs")
+@click.option("--flow", "flow_name", default=None, help="with --offline: replay the recorded runs of this flow")
+@click.option("--since", default=None, help="with --offline --flow: only runs recorded within this period (7d, 12h)")
+@click.option("--engine", type=click.Choice(["wasmtime", "wasmedge"]), default=None,
+              help="with --offline: the engine to replay on (default: the one the run used)")
 @_db_option
 @flows_path_option
-def replay_command(ref: str, database_url: Optional[str], flows_path: Optional[Path]) -> None:
+def replay_command(ref: Optional[str], dead: bool, dead_status: Optional[str], dead_repo: Optional[str],
+                   dead_trigger: Optional[str], dry_run: bool, offline: bool, module: Optional[str],
+                   flow_name: Optional[str], since: Optional[str], engine: Optional[str], database_url: Optional[str],
+                   flows_path: Optional[Path]) -> None:
     """Run again a run (REF = run id) or every flow of a GitHub delivery (REF = X-GitHub-Delivery).
 
-    The new runs are queued; a running `wasmflow up` or worker executes them.
+    The new runs are queued; a running `wasmflow up` or worker executes them. With --offline, REF's
+    transcript is replayed here instead (docs/replay.md); `--offline --flow F --since 7d --module NEW`
+    replays many runs and prints a table: same / output changed / diverged / failed. With --dead, every
+    dead run matching the filters is queued again (what the console's bulk replay does).
     """
+    if dead or dead_status or dead_repo or dead_trigger or dry_run:
+        _replay_dead(ref, dead, offline, flow_name, since, dead_status, dead_repo, dead_trigger, dry_run,
+                     database_url, flows_path)
+        return
+    if offline or module or flow_name or since:
+        if not offline:
+            err_console.print("[red]error:[/red] --module, --flow and --since go with --offline")
+            sys.exit(2)
+        from wasmflow.platform.replay_report import offline_command
+
+        offline_command(ref, module, flow_name, since, engine, database_url, flows_path)
+        return
+    if not ref:
+        err_console.print("[red]error:[/red] name a run id or a delivery id; `wasmflow runs` lists runs")
+        sys.exit(2)
     from wasmflow.platform.queue import ReplayError, replay
 
     flows = None
@@ -326,3 +406,108 @@ def replay_command(ref: str, database_url: Optional[str], flows_path: Optional[P
     for run_id in new_ids:
         console.print(f"queued run {run_id}")
 
+
+
+def _replay_dead(ref: Optional[str], dead: bool, offline: bool, flow_name: Optional[str], since: Optional[str],
+                 status: Optional[str], repo: Optional[str], trigger: Optional[str], dry_run: bool,
+                 database_url: Optional[str], flows_path: Optional[Path]) -> None:
+    """`replay --dead [--flow F] [--since 7d] ...`: the bulk online replay (wasmflow/platform/replay_dead.py)."""
+    from wasmflow.console.queries import RunFilter
+    from wasmflow.platform.replay_dead import SinceError, parse_since, replay_dead
+
+    if not dead:
+        err_console.print("[red]error:[/red] --status, --repo, --trigger and --dry-run go with --dead")
+        sys.exit(2)
+    if ref or offline:
+        err_console.print("[red]error:[/red] --dead replays by filter: drop the run id (and --offline)")
+        sys.exit(2)
+    try:
+        since_ts = parse_since(since)
+    except SinceError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    flows = None
+    try:
+        from wasmflow.flows.loader import load_flows
+
+        flows = load_flows(resolve_flows_path(flows_path)).file
+    except Exception:  # replaying runs does not need flows.yaml
+        pass
+    f = RunFilter(flow=flow_name, status=status, repo=repo, trigger=trigger, since=since_ts)
+    result = replay_dead(_open_store(flows_path, database_url), flows, f, dry_run=dry_run)
+    if dry_run:
+        console.print(f"{result.matched} dead run(s) match; nothing queued (--dry-run)")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("dead run", "replay", "note"):
+        table.add_column(column, overflow="fold")
+    for new_id in result.queued:
+        table.add_row("", new_id, "queued")
+    for run_id, why in result.failed:
+        table.add_row(run_id, "", guest_text(why))
+    if result.queued or result.failed:
+        console.print(table)
+    console.print(f"{result.matched} dead run(s) matched: {len(result.queued)} replay(s) queued, "
+                  f"{len(result.failed)} refused")
+    if result.failed:
+        sys.exit(1)
+
+
+@click.command("cancel")
+@click.argument("run_id")
+@click.option("--by", default=None, help="who cancels, recorded on the run (default: cli:$USER)")
+@_db_option
+@flows_path_option
+def cancel_command(run_id: str, by: Optional[str], database_url: Optional[str], flows_path: Optional[Path]) -> None:
+    """Cancel a run (RUN may be an id prefix): a queued run never starts, a running one is stopped.
+
+    The worker holding a running run stops its guest within the engine's interrupt period of hearing of
+    the request; the run is recorded `cancelled`, with who cancelled it, and is never retried.
+    """
+    from wasmflow.platform.queue import Queue
+
+    who = by or f"cli:{os.environ.get('USER') or 'unknown'}"
+    result = Queue(_open_store(flows_path, database_url), owner=who).cancel(run_id, by=who)
+    shown = escape(clean(result.run_id))
+    if result.outcome == "not_found":
+        err_console.print(f"[red]error:[/red] no run {shown}; `wasmflow runs` lists them")
+        sys.exit(1)
+    if result.outcome == "finished":
+        err_console.print(f"run {shown} has already finished ({result.state}); nothing to cancel")
+        sys.exit(1)
+    if result.outcome == "cancelled":
+        console.print(f"cancelled run {shown} before it started (by {escape(clean(result.by))})")
+    else:
+        console.print(f"cancelling run {shown}: its worker stops the guest now (by {escape(clean(result.by))})")
+
+
+@click.command("concurrency")
+@click.option("--flow", default=None, help="only this flow")
+@click.option("--since", default="1d", show_default=True, help="window for cancelled, denied and tokens (e.g. 1h, 7d)")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@_db_option
+@flows_path_option
+def concurrency_command(flow: Optional[str], since: str, limit: int, database_url: Optional[str],
+                        flows_path: Optional[Path]) -> None:
+    """Per concurrency key: runs running and waiting now; cancelled, denied and LLM tokens in the window."""
+    from wasmflow.flows.model import parse_duration
+    from wasmflow.platform.concurrency import key_summary
+
+    try:
+        window = parse_duration(since)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] --since: {escape(str(exc))}")
+        sys.exit(2)
+    rows = key_summary(_open_store(flows_path, database_url), flow=flow, since=window, limit=limit)
+    if not rows:
+        console.print("no runs with a concurrency key (flows without concurrency, debounce, rate or budget have none)")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("flow", "key", "running", "waiting", "cancelled", "denied", "tokens"):
+        table.add_column(column, overflow="fold", justify="left" if column in ("flow", "key") else "right")
+    for row in rows:
+        table.add_row(row.flow, guest_text(row.key or "(one key)"), str(row.running),
+                      f"[cyan]{row.waiting}[/]" if row.waiting else "0",
+                      f"[yellow]{row.cancelled}[/]" if row.cancelled else "0",
+                      f"[red]{row.denied}[/]" if row.denied else "0", str(row.tokens))
+    console.print(table)

@@ -17,9 +17,10 @@ from typing import Any, Optional, Protocol
 
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
-from wasmflow.host_functions.spec import Event
+from wasmflow.host_functions.spec import CancelSignal, Event, TokenBudget
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.queue import ClaimedRun, Finish, Outcome
+from wasmflow.platform.transcripts import persist as persist_transcript
 
 log = logging.getLogger("wasmflow.executor")
 
@@ -36,20 +37,38 @@ class Runner(Protocol):
             **kw: Any) -> RunResult: ...
 
 
-def execute(runtime: Runner, run: ClaimedRun) -> Outcome:
-    """Run `run` once and classify its result; never raises `Exception` (a host failure is a result)."""
+def execute(runtime: Runner, run: ClaimedRun, cancel: Optional[CancelSignal] = None,
+            budget: Optional[TokenBudget] = None) -> Outcome:
+    """Run `run` once and classify its result; never raises `Exception` (a host failure is a result).
+
+    `cancel` stops the guest when set (from another thread); a run cancelled before it started is not
+    started at all. `budget` is the flow's LLM token budget for the run's key, if it has one.
+    """
+    if cancel is not None and cancel.reason is not None:
+        return Outcome(run, RunResult(status=Status.CANCELLED, run_id=run.id, error=cancel.reason), Retry())
     try:
         flow = runtime.flows.flow(run.flow)
     except KeyError:
         return Outcome(run, RunResult(status=Status.INVALID, run_id=run.id,
                                       error=f"flow {run.flow!r} is no longer in flows.yaml"), Retry())
     retry = HTTP_RETRY if run.trigger == "http" else flow.retry
+    extra: dict[str, Any] = {}
+    if cancel is not None:
+        extra["cancel"] = cancel
+    if budget is not None:
+        extra["budget"] = budget
     try:
-        result = runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt, execution=run.execution)
+        result = runtime.run(run.flow, run.event, run_id=run.id, attempt=run.attempt, execution=run.execution,
+                             **extra)
     except Exception as exc:  # the host failed around the run: a transient, retryable error
         log.exception("run %s of %s: host error", run.id, run.flow)
         return Outcome(run, RunResult(status=Status.ERROR, run_id=run.id, error=f"host error: {exc}"), retry,
                        Status.UPSTREAM)
+    persist_transcript(runtime, result, wait=False)  # its host calls, for `wasmflow replay RUN --offline`
+    if budget is not None:
+        result.llm_tokens = getattr(budget, "spent", 0)  # summed per key by the next runs' budgets
+    if result.status is Status.CANCELLED:
+        return Outcome(run, result, retry)
     if result.status in (Status.ERROR, Status.TRAP) and result.upstream_failures:
         # The guest failed because a service beyond it did (its HTTP, GitHub or LLM call answered
         # UPSTREAM or TIMEOUT): transient, retried as `upstream`, not filed as a bug in the guest.

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import sqlalchemy as sa
 
@@ -26,8 +27,14 @@ from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
 from wasmflow.host_functions.spec import Event
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
+from wasmflow.platform.cancel import CancelResult, cancel_reason, notify_cancel
 from wasmflow.platform.notify import notify_new_runs
 from wasmflow.platform.store import DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun, encode_logs, new_id, run_row
+
+if TYPE_CHECKING:
+    from wasmflow.platform.concurrency import Admission
+
+_RUN_REF = re.compile(r"[0-9A-Za-z]{1,64}")
 
 # A run whose worker vanished this many times is dead: a guest that takes its host process down (an
 # out-of-memory kill, say) must not take down every worker in turn forever.
@@ -100,6 +107,24 @@ class Queue:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.postgres = db.dialect.name == "postgresql"
+        self.governed: dict[str, Any] = {}  # flow -> concurrency.Policy, for flows whose runs are admitted
+
+    def govern(self, flows: Optional[FlowsFile]) -> None:
+        """Apply the concurrency, debounce, rate and budget settings of `flows` in `admit` and `claim`.
+
+        A queue that governs a flow never claims a run of it that has not been admitted."""
+        from wasmflow.platform.concurrency import policies
+
+        self.governed = policies(flows) if flows is not None else {}
+
+    def admit(self) -> "Admission":
+        """Admit the new runs of governed flows (platform/concurrency.py): key, rate, debounce, conflicts."""
+        from wasmflow.platform.concurrency import Admission, admit
+
+        if not self.governed:
+            return Admission()
+        with self.db.begin() as conn:
+            return admit(conn, self.governed, self.clock())
 
     def _picked(self, *where: sa.ColumnElement[bool], order: sa.ColumnElement, limit: int) -> sa.ColumnElement[bool]:
         """A condition selecting at most `limit` runs matching `where`, oldest first, for one UPDATE.
@@ -130,18 +155,35 @@ class Queue:
             return []
         now = self.clock()
         r = runs_table
-        picked = self._picked(r.c.state == QUEUED, r.c.available_at <= now, order=r.c.available_at, limit=limit)
+        where: list[sa.ColumnElement[bool]] = [r.c.state == QUEUED, r.c.available_at <= now]
+        limited = [name for name, p in self.governed.items() if p.limit is not None]
+        if self.governed:  # not admitted yet, or under a per-key limit (claimed by `claim_limited`): not here
+            where.append(sa.or_(r.c.flow.not_in(list(self.governed)),
+                                sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(limited or [""]))))
+        lease = dict(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
+                     lease_owner=self.owner, lease_expires_at=now + self.lease_seconds, started_at=now,
+                     finished_at=None)
+        returned = (r.c.id, r.c.event_id, r.c.flow, r.c.attempt, r.c.max_attempts, r.c.trigger,
+                    r.c.idempotency_key, r.c.executions, r.c.available_at)
         with self.db.begin() as conn:
             self._relaxed_commit(conn)
-            rows = conn.execute(
-                r.update()
-                .where(picked, r.c.state == QUEUED)
-                .values(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
-                        lease_owner=self.owner, lease_expires_at=now + self.lease_seconds, started_at=now,
-                        finished_at=None)
-                .returning(r.c.id, r.c.event_id, r.c.flow, r.c.attempt, r.c.max_attempts, r.c.trigger,
-                           r.c.idempotency_key, r.c.executions, r.c.available_at)
-            ).all()
+            rows = []
+            if limited:
+                from wasmflow.platform.concurrency import claim_limited
+
+                ids = claim_limited(conn, self.governed, now, limit)
+                if ids:
+                    # Stamped after the count: a run of the key that finished just before is then seen to
+                    # have ended before this one started, in the intervals the store keeps.
+                    rows += conn.execute(
+                        r.update().where(r.c.id.in_(ids), r.c.state == QUEUED)
+                        .values(**{**lease, "started_at": max(now, self.clock())}).returning(*returned)
+                    ).all()
+            if len(rows) < limit:
+                picked = self._picked(*where, order=r.c.available_at, limit=limit - len(rows))
+                rows += conn.execute(
+                    r.update().where(picked, r.c.state == QUEUED).values(**lease).returning(*returned)
+                ).all()
             # RETURNING follows no ORDER BY: hand the runs out in their queue order.
             rows.sort(key=lambda row: row.available_at)
             if not rows:
@@ -164,6 +206,49 @@ class Queue:
                             idempotency_key=row.idempotency_key or row.id, trigger=row.trigger),
             ))
         return claimed
+
+    def cancel(self, run_id: str, by: str) -> CancelResult:
+        """Cancel a run (by id, or a unique prefix of 6+ characters): at once if it has not started,
+        and by marking it if it is running, for its worker to stop the guest (within the engine's
+        interrupt period once the worker has heard). A cancelled run is never retried.
+
+        Safe from any process: it is one conditional UPDATE per case, so a run claimed in between is
+        marked instead, and a run that finished in between is reported `finished`.
+        """
+        from wasmflow.platform.store import get_run
+
+        by = (by or "unknown")[:160]
+        # Ids are letters and digits: anything else (LIKE's % and _ among them) could match another run.
+        if not isinstance(run_id, str) or not _RUN_REF.fullmatch(run_id):
+            return CancelResult(run_id=str(run_id)[:64], outcome="not_found", by=by)
+        row = get_run(self.db, run_id)
+        if row is None:
+            return CancelResult(run_id=run_id, outcome="not_found", by=by)
+        now = self.clock()
+        r = runs_table
+        reason = cancel_reason(by)
+        with self.db.begin() as conn:
+            done = conn.execute(
+                r.update()
+                .where(r.c.id == row.id, r.c.state.in_([QUEUED, WAITING]))
+                .values(state=DONE, status=Status.CANCELLED.value, error=reason, finished_at=now,
+                        cancel_requested_at=now, cancelled_by=by, lease_owner=None, lease_expires_at=None)
+                .returning(r.c.id)
+            ).first()
+            if done is not None:
+                return CancelResult(run_id=row.id, outcome="cancelled", state=DONE, by=by)
+            marked = conn.execute(
+                r.update()
+                .where(r.c.id == row.id, r.c.state == RUNNING)
+                .values(cancel_requested_at=sa.func.coalesce(r.c.cancel_requested_at, now),
+                        cancelled_by=sa.func.coalesce(r.c.cancelled_by, by))
+                .returning(r.c.id, r.c.cancelled_by)
+            ).first()
+            if marked is not None:
+                notify_cancel(conn, [row.id])
+                return CancelResult(run_id=row.id, outcome="cancelling", state=RUNNING, by=marked.cancelled_by)
+            state = conn.execute(sa.select(r.c.state).where(r.c.id == row.id)).scalar()
+        return CancelResult(run_id=row.id, outcome="finished", state=state, by=by)
 
     def heartbeat(self, run_ids: list[str]) -> set[str]:
         """Extend the leases of runs still executing here; returns the ids whose lease is still ours."""
@@ -202,15 +287,21 @@ class Queue:
         attempt_params: list[dict[str, Any]] = []
         with self.db.begin() as conn:
             self._relaxed_commit(conn)
-            owned_query = sa.select(r.c.id).where(
+            owned_query = sa.select(r.c.id, r.c.cancelled_by, r.c.cancel_requested_at).where(
                 r.c.id.in_([o.run.id for o in outcomes]), r.c.lease_owner == self.owner, r.c.state == RUNNING)
             if self.postgres:
                 owned_query = owned_query.with_for_update()
-            owned = set(conn.execute(owned_query).scalars())
+            owned_rows = conn.execute(owned_query).all()
+            owned = {row.id for row in owned_rows}
+            # A run asked to stop that did not end `ok` ends `cancelled`, whatever cut it: never retried.
+            cancels = {row.id: row.cancelled_by for row in owned_rows if row.cancel_requested_at is not None}
             for o in outcomes:
                 status = o.status
+                error = o.result.error
                 delay = 0.0
-                if status is Status.OK:
+                if o.run.id in cancels and status is not Status.OK:
+                    status, error = Status.CANCELLED, cancel_reason(cancels[o.run.id])
+                if status is Status.OK or status is Status.CANCELLED:
                     state = DONE
                 elif is_retryable(status, o.retry) and o.run.attempt < o.retry.attempts:
                     state = QUEUED
@@ -224,10 +315,10 @@ class Queue:
                         b_id=o.run.id, b_state=state, b_status=status.value, b_duration=duration_ms,
                         b_logs=encode_logs(o.result.logs), b_output=o.result.output,
                         b_stdout=o.result.stdout or None, b_stderr=o.result.stderr or None,
-                        b_error=o.result.error, b_available=now + delay))
+                        b_error=error, b_available=now + delay, b_tokens=o.result.llm_tokens))
                 attempt_params.append(dict(
                     b_run=o.run.id, b_attempt=o.run.attempt, b_status=status.value if mine else f"{status} (lease lost)",
-                    b_error=o.result.error, b_duration=duration_ms))
+                    b_error=error, b_duration=duration_ms))
                 decided.append(Finish(state=state, delay=delay) if mine else Finish(state="lost"))
             if run_params:
                 conn.execute(
@@ -237,7 +328,8 @@ class Queue:
                             duration_ms=sa.bindparam("b_duration"), logs=sa.bindparam("b_logs"),
                             output=sa.bindparam("b_output"), stdout=sa.bindparam("b_stdout"),
                             stderr=sa.bindparam("b_stderr"), error=sa.bindparam("b_error"), lease_owner=None,
-                            lease_expires_at=None, available_at=sa.bindparam("b_available")),
+                            lease_expires_at=None, available_at=sa.bindparam("b_available"),
+                            llm_tokens=r.c.llm_tokens + sa.bindparam("b_tokens")),
                     run_params)
             conn.execute(
                 a.update()
@@ -262,20 +354,24 @@ class Queue:
         now = self.clock()
         r = runs_table
         http = r.c.trigger == "http"
+        cancelled = r.c.cancel_requested_at.is_not(None)  # asked to stop: it ends here, cancelled
         with self.db.begin() as conn:
             rows = conn.execute(
                 r.update()
                 .where(r.c.id.in_(run_ids), r.c.lease_owner == self.owner, r.c.state == RUNNING)
-                .values(state=sa.case((http, DEAD), else_=QUEUED),
-                        attempt=sa.case((http, r.c.attempt), else_=r.c.attempt - 1),
-                        status=sa.case((http, Status.LOST.value), else_=r.c.status),
-                        error=sa.case((http, "the process running it stopped before it finished"), else_=r.c.error),
-                        finished_at=sa.case((http, now), else_=r.c.finished_at),
+                .values(state=sa.case((cancelled, DONE), (http, DEAD), else_=QUEUED),
+                        attempt=sa.case((cancelled, r.c.attempt), (http, r.c.attempt), else_=r.c.attempt - 1),
+                        status=sa.case((cancelled, Status.CANCELLED.value), (http, Status.LOST.value),
+                                       else_=r.c.status),
+                        error=sa.case((cancelled, sa.literal("cancelled by ") + sa.func.coalesce(r.c.cancelled_by, "unknown")),
+                                      (http, "the process running it stopped before it finished"), else_=r.c.error),
+                        finished_at=sa.case((cancelled, now), (http, now), else_=r.c.finished_at),
                         lease_owner=None, lease_expires_at=None)
-                .returning(r.c.id, r.c.trigger)
+                .returning(r.c.id, r.c.trigger, r.c.state)
             ).all()
-            for lost, status in ((False, "released"), (True, Status.LOST.value)):
-                ids = [row.id for row in rows if (row.trigger == "http") is lost]
+            outcome = {QUEUED: "released", DEAD: Status.LOST.value, DONE: Status.CANCELLED.value}
+            for state, status in outcome.items():
+                ids = [row.id for row in rows if row.state == state]
                 if ids:
                     conn.execute(
                         attempts_table.update()
@@ -303,15 +399,18 @@ class Queue:
             cond.append(r.c.lease_expires_at < now)
         picked = self._picked(*cond, order=r.c.lease_expires_at, limit=limit)
         give_up = sa.or_(r.c.trigger == "http", r.c.lease_expiries + 1 >= MAX_LEASE_LOSSES)
+        cancelled = r.c.cancel_requested_at.is_not(None)  # asked to stop before its worker died: not run again
         with self.db.begin() as conn:
             rows = conn.execute(
                 r.update()
                 .where(picked, *cond)
                 .values(
-                    state=sa.case((give_up, DEAD), else_=QUEUED),
-                    status=sa.case((give_up, Status.LOST.value), else_=r.c.status),
-                    error=sa.case((give_up, "the worker running it stopped before it finished"), else_=r.c.error),
-                    finished_at=sa.case((give_up, now), else_=None),
+                    state=sa.case((cancelled, DONE), (give_up, DEAD), else_=QUEUED),
+                    status=sa.case((cancelled, Status.CANCELLED.value), (give_up, Status.LOST.value),
+                                   else_=r.c.status),
+                    error=sa.case((cancelled, sa.literal("cancelled by ") + sa.func.coalesce(r.c.cancelled_by, "unknown")),
+                                  (give_up, "the worker running it stopped before it finished"), else_=r.c.error),
+                    finished_at=sa.case((cancelled, now), (give_up, now), else_=None),
                     lease_expiries=r.c.lease_expiries + 1, lease_owner=None, lease_expires_at=None,
                 )
                 .returning(r.c.id)

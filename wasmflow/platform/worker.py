@@ -8,6 +8,10 @@ for a thread); one finisher thread stores results, many per transaction; a maint
 leases of the runs held and takes back runs whose worker died. On PostgreSQL a listener thread wakes the
 claim loop when another process stores runs (LISTEN/NOTIFY).
 
+Each run held has a `CancelSignal`; a `CancelWatcher` (platform/cancel.py) hears of cancel requests on
+the runs held, from this process or any other, and sets it: the guest stops within the engine's
+interrupt period, and a run not yet started is not started.
+
 Stopping is in two steps. `drain` (called the moment SIGTERM arrives) stops claiming and gives back at once
 the runs claimed but not yet started, at their place in the queue and without counting an attempt: a
 shutdown must not start work it will then cut. `stop` then lets the runs already executing finish for the
@@ -24,10 +28,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Any, Optional
 
 import sqlalchemy as sa
 
+from wasmflow.engine.base import Status
+from wasmflow.host_functions.spec import CancelSignal
+from wasmflow.platform.cancel import CancelWatcher, cancel_reason
 from wasmflow.platform.executor import Runner, execute, report
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.notify import Listener
@@ -71,6 +78,9 @@ class Dispatcher:
         self._results: queue_mod.Queue[Optional[Outcome]] = queue_mod.Queue()
         self._finisher = threading.Thread(target=self._finish_loop, name="wasmflow-finish", daemon=True)
         self._listener: Optional[Listener] = None
+        queue.govern(runtime.flows)  # concurrency keys, debounce, rate, budget: admitted before a claim
+        self._signals: dict[str, CancelSignal] = {}  # one per run held, set when the run is cancelled
+        self._cancels = CancelWatcher(queue.db, self._held_ids, self.cancel_local)
         self.completed = 0
         self.released = 0  # runs given back to the queue by `drain` and `stop`
         self._drained_at: Optional[float] = None  # when the stop began: the grace period counts from it
@@ -83,9 +93,25 @@ class Dispatcher:
             thread.start()
             self._threads.append(thread)
         self._finisher.start()
+        self._cancels.start()
         if self.queue.postgres:  # other processes store runs too: hear about them at once
             self._listener = Listener(self.queue.db, self.wake)
             self._listener.start()
+
+    def _held_ids(self) -> list[str]:
+        with self._slots:
+            return [i for i in self._in_flight if i not in self._finishing]
+
+    def cancel_local(self, run_id: str, by: str) -> bool:
+        """Stop a run held here (its cancel request is already in the store); False if it is not held."""
+        with self._slots:
+            signal = self._signals.get(run_id)
+        if signal is None:
+            return False
+        if not signal:
+            signal.cancel(cancel_reason(by))
+            log.info("run %s: %s; stopping its guest", run_id, signal.reason)
+        return True
 
     def wake(self) -> None:
         """New runs were stored: claim now instead of at the next poll."""
@@ -105,6 +131,7 @@ class Dispatcher:
                 unstarted = [i for i in self._in_flight if i not in self._started]
                 for run_id in unstarted:
                     del self._in_flight[run_id]
+                    self._signals.pop(run_id, None)
                 self.metrics.in_flight.set(len(self._in_flight))
                 self._slots.notify_all()
             self._wake.set()
@@ -145,6 +172,7 @@ class Dispatcher:
             log.warning("released %d runs still running after %.0fs", self._release(left), grace)
         if self._listener is not None:
             self._listener.stop()
+        self._cancels.stop()
         if self._threads:
             self._threads[0].join(timeout=5)  # the claim loop (it releases what a claim in progress took)
         self._results.put(None)
@@ -176,6 +204,7 @@ class Dispatcher:
                 return
             self._wake.clear()
             try:
+                self._admit()
                 runs = self.queue.claim(min(free, self.claim_batch))
                 failures = 0
             except sa.exc.SQLAlchemyError as exc:
@@ -191,12 +220,32 @@ class Dispatcher:
                 if not late:
                     for run in runs:
                         self._in_flight[run.id] = run
+                        self._signals[run.id] = CancelSignal()
                     self.metrics.in_flight.set(len(self._in_flight))
             if late:
                 self._release([run.id for run in runs])
                 return
             for run in runs:
                 self._pool.submit(self._execute, run)
+
+    def _admit(self) -> None:
+        """Admit new runs of governed flows (platform/concurrency.py) and count what admission decided."""
+        if not self.queue.governed:
+            return
+        try:
+            admission = self.queue.admit()
+        except sa.exc.SQLAlchemyError:
+            raise  # the claim loop retries with backoff
+        except Exception:  # a bug must not stop the claim loop: the other flows' runs go on
+            log.exception("admitting new runs failed; runs of flows with concurrency settings wait")
+            return
+        for flow, how in admission.outcomes:
+            if how == "denied-rate":
+                self.metrics.denied.labels(flow=flow, reason="rate").inc()
+            else:
+                self.metrics.cancellations.labels(flow=flow, how=how).inc()
+        for run_id, by in admission.cancel_marked.items():  # held here? stop it now, not at the next poll
+            self.cancel_local(run_id, by)
 
     def _maintenance_loop(self) -> None:
         # Runs on through `stop`'s grace period: runs finishing then must keep their leases.
@@ -210,6 +259,11 @@ class Dispatcher:
                         lost = [i for i in set(ids) - kept if i in self._in_flight and i not in self._finishing]
                     for run_id in lost:
                         log.warning("run %s: lease lost while running (another worker may run it)", run_id)
+                if self.queue.governed:
+                    from wasmflow.platform.concurrency import waiting_by_flow
+
+                    for flow, waiting in waiting_by_flow(self.queue.db, self.queue.governed).items():
+                        self.metrics.concurrency_waiting.labels(flow=flow).set(waiting)
                 recovered = self.queue.recover_expired()
                 if recovered:
                     self.metrics.lease_expiries.inc(recovered)
@@ -225,16 +279,32 @@ class Dispatcher:
             if self._stopping.is_set() or run.id not in self._in_flight:
                 return
             self._started.add(run.id)
+            signal = self._signals.get(run.id)
         try:
-            outcome = execute(self.runtime, run)
+            outcome = execute(self.runtime, run, cancel=signal, budget=self._budget(run))
         except BaseException:  # KeyboardInterrupt, SystemExit: the process is stopping, not the run failing
             self._give_back(run)
             raise
         self._results.put(outcome)
 
+    def _budget(self, run: ClaimedRun) -> Any:
+        """The flow's LLM token budget for this run's key (None when the flow has none)."""
+        if run.flow not in self.queue.governed:
+            return None
+        from wasmflow.platform.concurrency import budget_for
+
+        try:
+            return budget_for(self.queue.db, self.runtime.flows, run)
+        except sa.exc.SQLAlchemyError as exc:  # the run goes on; its LLM calls are refused (no budget known)
+            log.warning("run %s: reading its token budget failed (%s)", run.id, exc.__class__.__name__)
+            from wasmflow.platform.concurrency import RunBudget
+
+            return RunBudget(limit=0, per=1.0, key="(unknown: the store could not be read)", spent_before=0)
+
     def _give_back(self, run: ClaimedRun) -> None:
         """Release a started run that will not finish here and free its slot."""
         with self._slots:
+            self._signals.pop(run.id, None)
             self._in_flight.pop(run.id, None)
             self._started.discard(run.id)
             self.metrics.in_flight.set(len(self._in_flight))
@@ -275,6 +345,7 @@ class Dispatcher:
             self._report(outcome, finish)
         with self._slots:
             for outcome in batch:
+                self._signals.pop(outcome.run.id, None)
                 self._in_flight.pop(outcome.run.id, None)
                 self._finishing.discard(outcome.run.id)
                 self._started.discard(outcome.run.id)
@@ -283,4 +354,9 @@ class Dispatcher:
 
     def _report(self, outcome: Outcome, finish: Finish) -> None:
         report(self.metrics, outcome, finish)
+        if finish.state != "lost":
+            if outcome.status is Status.CANCELLED:
+                self.metrics.cancellations.labels(flow=outcome.run.flow, how="stopped").inc()
+            elif outcome.status is Status.DENIED and any("budget exhausted" in d for d in outcome.result.denials):
+                self.metrics.denied.labels(flow=outcome.run.flow, reason="budget").inc()
         self.completed += 1

@@ -31,7 +31,38 @@ def _add_run_executions(conn: sa.Connection) -> None:
     conn.execute(sa.text("UPDATE runs SET executions = attempt"))
 
 
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _add_run_executions}
+def _add_run_concurrency(conn: sa.Connection) -> None:
+    """Version 3: the run's concurrency key, its cancel request and the LLM tokens it spent."""
+    existing = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    for name, ddl in (("concurrency_key", "VARCHAR(320)"), ("cancel_requested_at", "FLOAT"),
+                      ("cancelled_by", "VARCHAR(160)"), ("llm_tokens", "INTEGER NOT NULL DEFAULT 0"),
+                      ("budget_key", "VARCHAR(320)"), ("debounce_since", "FLOAT")):
+        if name not in existing:  # create_all never adds columns, but a half-applied start may have
+            conn.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {name} {ddl}"))
+    conn.execute(sa.text(
+        "CREATE INDEX IF NOT EXISTS ix_runs_concurrency ON runs (flow, concurrency_key, state)"))
+
+
+# Version 4: indexes for the console's runs list, newest first under any one filter, cut by keyset
+# (created_at, id): each starts with the filtered column and ends with the sort, so a page of 100,000 runs
+# reads only its own rows. Defined on the tables in schema.py too, where create_all makes them.
+CONSOLE_INDEXES = (
+    ("ix_runs_created", "runs", "created_at, id"),
+    ("ix_runs_state_created", "runs", "state, created_at, id"),
+    ("ix_runs_status_created", "runs", "status, created_at, id"),
+    ("ix_runs_trigger_created", "runs", "trigger, created_at, id"),
+    ("ix_events_repo_received", "events", "repo, received_at"),
+)
+
+
+def _add_console_indexes(conn: sa.Connection) -> None:
+    """Version 4: the console's list indexes (IF NOT EXISTS: a fresh database already has them)."""
+    for name, table, columns in CONSOLE_INDEXES:
+        conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {2: _add_run_executions, 3: _add_run_concurrency,
+                                                          4: _add_console_indexes}
 SCHEMA_VERSION = max([1, *MIGRATIONS])
 
 

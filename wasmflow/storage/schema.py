@@ -33,6 +33,7 @@ events_table = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # accepted | ignored | skipped
     sa.Column("runs_created", sa.Integer, nullable=False, default=0),
     sa.Column("note", sa.Text),
+    sa.Index("ix_events_repo_received", "repo", "received_at"),  # the console's repository filter (version 4)
 )
 
 # One row per (event, flow[, replay]): the unit of work the queue hands out. `state` is the queue's view
@@ -67,9 +68,24 @@ runs_table = sa.Table(
     sa.Column("stderr", sa.LargeBinary),
     sa.Column("error", sa.Text),
     sa.Column("replay_of", sa.String(32)),
+    # Concurrency control (schema version 3): the key the flow's `concurrency`/`debounce`/`rate` template
+    # gave the run ("" for one key per flow; NULL until a worker admitted it, or for ungoverned flows); who asked to cancel it and when (a running run stops at its worker's next look);
+    # LLM tokens its attempts spent, which a `budget` sums per key and period.
+    sa.Column("concurrency_key", sa.String(320)),
+    sa.Column("cancel_requested_at", sa.Float),
+    sa.Column("cancelled_by", sa.String(160)),
+    sa.Column("llm_tokens", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("budget_key", sa.String(320)),  # the `budget` key, when it differs from concurrency_key
+    sa.Column("debounce_since", sa.Float),  # when the first event merged into this run arrived
     sa.UniqueConstraint("event_id", "flow", "seq", name="uq_runs_event_flow_seq"),
     sa.Index("ix_runs_claim", "state", "available_at"),
     sa.Index("ix_runs_flow_created", "flow", "created_at"),
+    sa.Index("ix_runs_concurrency", "flow", "concurrency_key", "state"),
+    # The console's runs list (schema version 4): newest first under one filter, keyset by (created_at, id).
+    sa.Index("ix_runs_created", "created_at", "id"),
+    sa.Index("ix_runs_state_created", "state", "created_at", "id"),
+    sa.Index("ix_runs_status_created", "status", "created_at", "id"),
+    sa.Index("ix_runs_trigger_created", "trigger", "created_at", "id"),
 )
 
 # One row per claim of a run, written in the claim's own transaction: the audit trail that shows
@@ -96,4 +112,21 @@ schedule_state_table = sa.Table(
     sa.Column("trigger", sa.String(256), primary_key=True),  # "cron|timezone"
     sa.Column("last_tick", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# The transcript of each attempt of a run (offline replay, wasmflow/platform/transcripts.py): its host calls
+# as zlib-compressed JSON, bounded by the flow's `limits.transcript`; `truncated` when the bound cut it.
+transcripts_table = sa.Table(
+    "transcripts",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("flow", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("status", sa.String(16)),
+    sa.Column("calls", sa.Integer, nullable=False, default=0),
+    sa.Column("size", sa.Integer, nullable=False),  # bytes of the JSON before compression
+    sa.Column("truncated", sa.Boolean, nullable=False, default=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Index("ix_transcripts_flow_created", "flow", "created_at"),
 )

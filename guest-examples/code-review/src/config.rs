@@ -7,6 +7,7 @@ use wasmflow::{config, llm};
 
 use crate::decision::Rules;
 use crate::diff::Budget;
+use crate::repo_config::RepoConfig;
 
 /// Paths left out of the review unless `ignore` replaces this list (`extra_ignore` adds to it).
 pub const DEFAULT_IGNORE: &[&str] = &[
@@ -36,6 +37,10 @@ pub struct Config {
     pub answer_tokens: u32,
     /// The language of the review, if not English.
     pub language: Option<String>,
+    /// Findings below this severity (`low`, `medium`, `high`) are not posted.
+    pub severity_threshold: String,
+    /// Per-path instructions (from the repository file), as (glob, text).
+    pub instructions: Vec<(String, String)>,
 }
 
 fn number(key: &str, default: usize) -> wasmflow::Result<usize> {
@@ -66,6 +71,7 @@ impl Config {
                 trigger_phrase: config::get_trimmed("trigger_phrase")?.unwrap_or(defaults.trigger_phrase),
                 review_drafts: config::get_bool("review_drafts")?.unwrap_or(defaults.review_drafts),
                 review_bot_prs: config::get_bool("review_bot_prs")?.unwrap_or(defaults.review_bot_prs),
+                auto_review: config::get_bool("auto_review")?.unwrap_or(defaults.auto_review),
                 skip_labels: config::get_list("skip_labels")?.unwrap_or(defaults.skip_labels),
                 skip_branches: config::get_list("skip_branches")?.unwrap_or(defaults.skip_branches),
                 skip_title_prefixes: config::get_list("skip_title_prefixes")?.unwrap_or(defaults.skip_title_prefixes),
@@ -79,8 +85,42 @@ impl Config {
             max_findings: number("max_findings", 10)?,
             answer_tokens,
             language: config::get_trimmed("language")?,
+            severity_threshold: threshold(config::get_trimmed("severity_threshold")?)?,
+            instructions: Vec::new(),
         })
     }
+
+    /// The repository file's settings over the flow's: it adds ignore globs and instructions, and
+    /// replaces language, threshold, auto-review, draft handling and max findings where it sets them.
+    pub fn apply(&mut self, repo: &RepoConfig) {
+        if let Some(globs) = &repo.ignore {
+            self.ignore.extend(globs.iter().cloned());
+        }
+        self.instructions.extend(repo.instructions.iter().cloned());
+        if let Some(lang) = &repo.language {
+            self.language = Some(lang.clone());
+        }
+        if let Some(t) = &repo.severity_threshold {
+            self.severity_threshold = t.clone();
+        }
+        if let Some(b) = repo.auto_review {
+            self.rules.auto_review = b;
+        }
+        if let Some(b) = repo.drafts {
+            self.rules.review_drafts = b;
+        }
+        if let Some(n) = repo.max_findings {
+            self.max_findings = n;
+        }
+    }
+}
+
+fn threshold(value: Option<String>) -> wasmflow::Result<String> {
+    let v = value.unwrap_or_else(|| "medium".to_string()).to_ascii_lowercase();
+    if !crate::findings::SEVERITIES.contains(&v.as_str()) {
+        return Err(wasmflow::Error::new(wasmflow::ErrorKind::Invalid, format!("config.severity_threshold: expected low, medium or high, got {:?}", v)));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

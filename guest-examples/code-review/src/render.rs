@@ -49,6 +49,10 @@ pub struct Input<'a> {
     pub review_url: Option<&'a str>,
     pub files_truncated: bool,
     pub budget: &'a Budget,
+    /// Where the settings came from (the footer says it).
+    pub settings_source: &'a str,
+    /// The command prefix (`/` by default), for the footer's hint.
+    pub prefix: &'a str,
 }
 
 fn short(sha: &str) -> &str {
@@ -115,16 +119,23 @@ pub fn comment(i: &Input) -> String {
     out.push_str("### Summary\n\n");
     if i.plan.chunks.is_empty() {
         out.push_str("_No reviewable changes (only deleted, ignored or binary files)._\n\n");
+    } else if i.outcome.summary.trim().is_empty() && i.outcome.summaries_dropped > 0 {
+        out.push_str("_The model's summary did not describe this change, so it is left out._\n\n");
     } else if i.outcome.summary.trim().is_empty() {
         out.push_str("_The model gave no summary._\n\n");
     } else {
         out.push_str(i.outcome.summary.trim());
         out.push_str("\n\n");
     }
+    if let Some(reason) = &i.outcome.budget_exhausted {
+        out.push_str(&format!("_No model review: the flow's model budget is exhausted ({})._ The deterministic checks below still ran.\n\n", reason.replace('\n', " ")));
+    }
     if !i.outcome.findings.is_empty() {
         out.push_str(&format!("### Findings ({})\n\n", i.outcome.findings.len()));
         for f in &i.outcome.findings {
-            out.push_str(&format!("- **{}** `{}:{}` {}\n", f.severity, f.path, f.line, f.message.replace('\n', " ")));
+            let lines = if f.start_line < f.line { format!("{}-{}", f.start_line, f.line) } else { f.line.to_string() };
+            let fix = if f.suggestion.is_some() { " _(suggested change inline)_" } else { "" };
+            out.push_str(&format!("- **{}** {} `{}:{}` {}{}\n", f.severity, f.category, f.path, lines, f.message.replace('\n', " "), fix));
         }
         match (i.inline_posted, i.review_url) {
             (n, Some(url)) if n > 0 => out.push_str(&format!("\n{} inline comment(s) in [this review]({}).\n", n, url)),
@@ -132,6 +143,14 @@ pub fn comment(i: &Input) -> String {
             _ => {}
         }
         out.push('\n');
+    } else if !i.plan.chunks.is_empty() && i.outcome.budget_exhausted.is_none() {
+        out.push_str("**No model findings**");
+        if i.outcome.calls > 0 && i.outcome.unusable_answers == i.outcome.calls {
+            out.push_str(": the model gave no usable answer, so this review is the deterministic checks below");
+        } else if i.outcome.dropped.total() > 0 {
+            out.push_str(": nothing the model proposed was about the changed code");
+        }
+        out.push_str(".\n\n");
     }
     out.push_str(&checks_section(i.checks));
     out.push('\n');
@@ -177,15 +196,21 @@ pub fn comment(i: &Input) -> String {
         out.push('\n');
     }
     let model = if i.outcome.model.is_empty() { "no model call".to_string() } else { format!("model `{}`", i.outcome.model) };
+    let dropped = i.outcome.dropped.sentence();
+    let dropped = if dropped.is_empty() { String::new() } else { format!("{} · ", dropped) };
+    let unusable = if i.outcome.unusable_answers > 0 { format!("{} answer(s) not the JSON asked for · ", i.outcome.unusable_answers) } else { String::new() };
     out.push_str(&format!(
-        "<sub>{} · {} file(s) in {} call(s), ~{} diff tokens · {} hunk(s) of deletions only dropped · delivery `{}` · comment `{}` to review again</sub>",
+        "<sub>{} · {} file(s) in {} call(s), ~{} diff tokens · {}{}{} hunk(s) of deletions only dropped · settings: {} · delivery `{}` · comment `{}help` for commands</sub>",
         model,
         p.reviewed_files(),
         i.outcome.calls,
         p.used_tokens,
+        dropped,
+        unusable,
         p.dropped_hunks,
+        i.settings_source,
         i.delivery,
-        "/review"
+        i.prefix
     ));
     out
 }
