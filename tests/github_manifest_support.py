@@ -16,7 +16,7 @@ from aiohttp import web
 from wasmflow.console.auth import ConsoleAuth, install
 from wasmflow.console.login import add_login_routes
 from wasmflow.console.setup import add_setup_routes
-from wasmflow.devtools.loopback import LoopbackServer
+from wasmflow.loopback import LoopbackServer
 from wasmflow.flows.loader import LoadedFlows, load_flows
 from wasmflow.platform.github_manifest import Registrar
 

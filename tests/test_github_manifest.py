@@ -22,7 +22,7 @@ from aiohttp import web
 from github_manifest_support import (EXPECTED_EVENTS, EXPECTED_PERMISSIONS, TOKEN, SetupServer, load, parse,
                                      text_of, write_flows)
 from wasmflow.devtools.github_standin import GithubStandin
-from wasmflow.devtools.loopback import LoopbackServer
+from wasmflow.loopback import LoopbackServer
 from wasmflow.flows.github_credentials import (KEY_FILE, CredentialsError, credentials_dir, load_app)
 from wasmflow.flows.loader import FlowsError
 from wasmflow.host_functions.github import GithubApp, load_private_key

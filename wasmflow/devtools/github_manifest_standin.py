@@ -117,7 +117,7 @@ class ManifestStandin:
     # -- the new App --------------------------------------------------------------------------------
 
     def _create_app(self, manifest: dict[str, Any], org: Optional[str], base: str) -> dict[str, Any]:
-        private, public = _new_key_pair()
+        private, public = generate_app_key()
         lock = getattr(self, "_lock")
         with lock:
             app_id = self._next_id()  # type: ignore[attr-defined]
@@ -139,8 +139,8 @@ class ManifestStandin:
         }
 
 
-def _new_key_pair() -> tuple[str, str]:
-    """The new App's RSA key (private PEM, as GitHub hands it over once) and its public half."""
+def generate_app_key() -> tuple[str, str]:
+    """A fresh RSA key pair for an App: (private PEM, as GitHub hands it over once; public PEM)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

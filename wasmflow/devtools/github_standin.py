@@ -26,9 +26,9 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-from .github_manifest_standin import ManifestStandin
+from .github_manifest_standin import ManifestStandin, generate_app_key  # noqa: F401  (generate_app_key: for tests)
 from .github_review_standin import ReviewStandin
-from .loopback import LoopbackServer
+from wasmflow.loopback import LoopbackServer
 
 JSON_BODY = web.RequestKey("json_body", object)  # the parsed request body, set by the middleware
 
@@ -38,18 +38,6 @@ ISO = "%Y-%m-%dT%H:%M:%SZ"
 def iso(ts: Optional[float] = None) -> str:
     return datetime.fromtimestamp(ts if ts is not None else time.time(), tz=timezone.utc).strftime(ISO)
 
-
-def generate_app_key() -> tuple[str, str]:
-    """A fresh RSA key pair for a test App: (private PEM, public PEM)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    return private, public
 
 
 def fake_sha(seed: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from aiohttp import web
 
-from .loopback import LoopbackServer
+from wasmflow.loopback import LoopbackServer
 
 JSON_BODY = web.RequestKey("json_body", object)  # the parsed request body, set by the middleware
 

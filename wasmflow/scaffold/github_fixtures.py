@@ -17,7 +17,6 @@ object), unless a fixture gives its answer (to test how a bot handles a 422, say
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
@@ -32,6 +31,8 @@ from aiohttp import web
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from wasmflow.loopback import LoopbackServer
 
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 FIXTURE_APP_ID = 1
@@ -94,17 +95,15 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass
-class FixtureGithub:
+class FixtureGithub(LoopbackServer):
     """The loopback GitHub of a fixture run: answers, and the calls it received."""
 
-    answers: list[Answer]
-    calls: list[Call] = field(default_factory=list)
-    url: str = ""
-    _ids: int = 1000
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _loop: Optional[asyncio.AbstractEventLoop] = None
-    _thread: Optional[threading.Thread] = None
+    def __init__(self, answers: list[Answer]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.calls: list[Call] = []
+        self._ids = 1000
+        self._lock = threading.Lock()
 
     # -- answers ------------------------------------------------------------------------------------
 
@@ -157,46 +156,12 @@ class FixtureGithub:
             return web.Response(status=status)
         return web.json_response(out, status=status)
 
-    # -- serving on loopback ------------------------------------------------------------------------
+    # -- serving on loopback (LoopbackServer) -------------------------------------------------------
 
-    def start(self) -> "FixtureGithub":
-        """Serve on 127.0.0.1 (a free port) from a background thread; `url` is the API's base URL."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application(client_max_size=16 * 1024 * 1024)
-            app.router.add_route("*", "/{tail:.*}", self.handle)
-            runner = web.AppRunner(app, access_log=None)
-            try:
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                loop.run_until_complete(site.start())
-                port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-                self.url = f"http://127.0.0.1:{port}"
-            except BaseException as exc:  # reported to start()'s caller
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="wasmflow-github-fixtures", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
 
     # -- what the guest wrote -----------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """An aiohttp application served on a loopback port from a background thread.
 
-The stand-ins for GitHub and OpenAI are driven by synchronous clients (PyGithub, `openai`) from tests and
+The stand-ins for GitHub and OpenAI (and the fixture GitHub of `wasmflow run --github-fixtures`) are driven by synchronous clients (PyGithub, `openai`) from tests and
 from the demo, so each serves its app on its own event loop in a thread; subclasses only build `app()`.
 """
 
