@@ -17,11 +17,22 @@ import sqlalchemy as sa
 from wasmflow.build import resolve_module
 from wasmflow.engine import Engine, LoadedModule, ModuleError, RunRequest, RunResult, Status, make_engine
 from wasmflow.flows.model import Flow, FlowsFile
-from wasmflow.host_functions import Host
-from wasmflow.host_functions.spec import Capability, Event
+from wasmflow.host_functions import STANDARD, Host
+from wasmflow.host_functions.spec import Capability, Event, Setup
 from wasmflow.storage import default_url, open_database
 
 log = logging.getLogger("wasmflow.runtime")
+
+
+def capabilities() -> tuple[type[Capability], ...]:
+    """Every capability a runtime offers, in order: the host layer's STANDARD ones, then WASI-NN (its
+    model registry is shared with the LLM host functions after it), GitHub and LLM. All are present
+    whatever flows.yaml says, so a guest calling one without its section is refused, never unlinked."""
+    from wasmflow.host_functions.github import GithubCapability
+    from wasmflow.host_functions.llm import LlmCapability
+    from wasmflow.wasi_nn.host import WasiNNCapability
+
+    return (*STANDARD, WasiNNCapability, GithubCapability, LlmCapability)
 
 
 class Runtime:
@@ -39,28 +50,12 @@ class Runtime:
         self.state_dir = (self.base_dir / flows.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = db if db is not None else open_database(database_url or default_url(self.state_dir))
-        self.host = Host.default(self.db, extra=[*self._optional_capabilities(), *extra_capabilities])
+        setup = Setup(flows=flows, base_dir=self.base_dir, state_dir=self.state_dir, db=self.db)
+        self.host = Host.build(setup, capabilities(), extra_capabilities)
         self.engine_override = engine_override
         self._engines: dict[str, Engine] = {}
         self._modules: dict[str, LoadedModule] = {}
         self._lock = threading.Lock()
-
-    def _optional_capabilities(self) -> list[Capability]:
-        """WASI-NN, GitHub and LLM, built from their sections of flows.yaml.
-
-        Always present, so a guest that calls them without the section gets a refusal, not a link error;
-        local LLM calls share the WASI-NN registry, so weights are loaded once per process.
-        """
-        from wasmflow.host_functions.github import GithubCapability
-        from wasmflow.host_functions.llm import LlmCapability
-        from wasmflow.wasi_nn.host import WasiNNCapability
-
-        nn = WasiNNCapability.from_flows(self.flows, self.base_dir, self.state_dir)
-        return [
-            nn,
-            GithubCapability.from_flows(self.flows, self.base_dir, self.state_dir),
-            LlmCapability.from_flows(self.flows, self.base_dir, self.state_dir, registry=nn.registry),
-        ]
 
     def engine_for(self, flow: Flow) -> Engine:
         name = self.engine_override or flow.engine or self.flows.engine

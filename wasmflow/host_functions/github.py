@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, check_range, read_json, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, Setup, check_range, read_json, write_result
 
 log = logging.getLogger("wasmflow.github")
 
@@ -500,6 +500,10 @@ class GithubCapability(Capability):
     def __init__(self, app: Optional[GithubApp]) -> None:
         self.app = app
         self.problem: Optional[str] = None  # why the App is unusable, when flows.yaml names one
+
+    @classmethod
+    def build(cls, setup: Setup) -> "GithubCapability":
+        return cls.from_flows(setup.flows, setup.base_dir, setup.state_dir)
 
     @classmethod
     def from_flows(cls, flows: Any, base_dir: Path, state_dir: Optional[Path] = None) -> "GithubCapability":

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from wasmflow.storage.migrations import migrate
 from wasmflow.storage.schema import metadata
 
-from .spec import Call, Capability, Code, HostError, HostFunction, check_range, read_str, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, Setup, check_range, read_str, write_result
 
 # The capability's own table, registered into the shared schema: opening a database creates it.
 kv_table = sa.Table(
@@ -179,6 +179,10 @@ class KeyValueStore:
 
 class KeyValueCapability(Capability):
     name = "kv"
+
+    @classmethod
+    def build(cls, setup: Setup) -> "KeyValueCapability":
+        return cls(KeyValueStore(setup.db))
 
     def __init__(self, store: KeyValueStore) -> None:
         self.store = store

@@ -29,7 +29,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field
 
-from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, write_result
+from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, Setup, write_result
 from .validate import GuestRequest, read_request
 
 log = logging.getLogger("wasmflow.llm")
@@ -92,8 +92,10 @@ class LlmCapability(Capability):
         self._clients: dict[tuple[str, str, float], Any] = {}
 
     @classmethod
-    def from_flows(cls, flows: Any, base_dir: Path, state_dir: Optional[Path] = None, registry: Any = None) -> "LlmCapability":
-        return cls(registry=registry, models=getattr(flows, "models", {}))
+    def build(cls, setup: Setup) -> "LlmCapability":
+        """Local models are served from the WASI-NN capability's registry when it was built first."""
+        nn = setup.built.get("nn")
+        return cls(registry=getattr(nn, "registry", None), models=getattr(setup.flows, "models", {}) or {})
 
     def functions(self) -> list[HostFunction]:
         return [

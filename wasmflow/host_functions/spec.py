@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 _log = logging.getLogger("wasmflow.host")
@@ -437,15 +438,35 @@ class Event:
             return None
 
 
+@dataclass
+class Setup:
+    """What capabilities are built from (`Capability.build`): the flows file (None for a bare host),
+    the directory its relative paths start from, the state directory, the database, and the
+    capabilities built so far, by name: a later one may share an earlier one's resources (the LLM host
+    functions use the WASI-NN model registry, so weights load once per process)."""
+
+    flows: Any
+    base_dir: Path
+    state_dir: Path
+    db: Any
+    built: dict[str, "Capability"] = field(default_factory=dict)
+
+
 class Capability:
     """One unit of the host: its functions, its process-wide resources, its per-run state.
 
-    Subclasses set `name`, build process-wide resources in `__init__` (clients, pools, registries) and
-    return their functions from `functions()`. `open_run` may put per-run state in `run.state[name]`;
+    Subclasses set `name`, build themselves from their flows.yaml section in `build` (the one way the
+    runtime makes every capability), keep process-wide resources (clients, pools, registries) and return
+    their functions from `functions()`. `open_run` may put per-run state in `run.state[name]`;
     `close_run` releases it, and runs whatever the outcome of the run.
     """
 
     name: str = ""
+
+    @classmethod
+    def build(cls, setup: Setup) -> "Capability":
+        """This capability for `setup`; the default suits one that needs nothing from flows.yaml."""
+        return cls()
 
     def functions(self) -> list[HostFunction]:
         raise NotImplementedError

@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from wasmflow.host_functions.spec import BoundedMemory, Call, Capability, HostError, HostFunction, RunContext
+from wasmflow.host_functions.spec import BoundedMemory, Call, Capability, HostError, HostFunction, RunContext, Setup
 
 from .abi import (
     BUILDER_STRUCT,
@@ -143,6 +143,10 @@ class WasiNNCapability(Capability):
     def __init__(self, registry: ModelRegistry, stdout: Optional[Callable[[bytes], None]] = None) -> None:
         self.registry = registry
         self.stdout = stdout  # where stream-stdout goes when the engine offers no writer (wasmflow exec)
+
+    @classmethod
+    def build(cls, setup: Setup) -> "WasiNNCapability":
+        return cls.from_flows(setup.flows, setup.base_dir, setup.state_dir)
 
     @classmethod
     def from_flows(cls, flows: Any, base_dir: Any = None, state_dir: Any = None, preloads: Any = ()) -> "WasiNNCapability":
