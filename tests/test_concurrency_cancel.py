@@ -127,3 +127,52 @@ def test_migration_3_adds_the_columns_to_a_version_2_store(db):
     assert scalar(db, "SELECT llm_tokens FROM runs WHERE id = :i", i=run_id) == 0
     assert Queue(db, "w").cancel(run_id, by="after-migration").outcome == "cancelled"
     assert migrations.migrate(db) == migrations.SCHEMA_VERSION  # again: nothing to do
+
+
+SPIN_WAT = """(module
+ (memory (export "memory") 1)
+ (func (export "_start") (loop $l (br $l))))"""
+
+
+def test_cancel_stops_a_running_http_triggered_run(tmp_path, make_runtime):
+    """An HTTP-triggered run is executed by the ingress, not a worker: a cancel from another handle
+    (the CLI, the console) still stops its looping guest, long before its deadline, and the caller gets
+    its answer with the run stored `cancelled`."""
+    import threading
+    import time
+
+    import requests
+
+    from platform_support import ServerThread, write_wat
+    from wasmflow.platform.app import Options
+
+    flows = f"""
+flows:
+  - name: spin
+    module: {write_wat(tmp_path / "spin.wasm", SPIN_WAT)}
+    limits: {{timeout: 60s}}
+    on: [{{http: {{methods: [POST]}}}}]
+"""
+    runtime = make_runtime(tmp_path / "app", flows)
+    with ServerThread(runtime, Options(workers=2, poll_interval=0.1, lease_seconds=3)) as srv:
+        answer: list[requests.Response] = []
+        caller = threading.Thread(target=lambda: answer.append(
+            requests.post(f"{srv.base}/flows/spin", data=b"x", timeout=60)))
+        started = time.monotonic()
+        caller.start()
+        db_ = srv.platform.db
+        run_id = None
+        while run_id is None and time.monotonic() - started < 20:
+            run_id = scalar(db_, "SELECT id FROM runs WHERE flow = 'spin' AND state = 'running'")
+            time.sleep(0.05)
+        assert run_id is not None, "the HTTP run never started"
+        time.sleep(0.3)  # the guest is looping now
+        result = Queue(db_, "someone-else").cancel(run_id, by="operator")
+        assert result.outcome == "cancelling"
+        caller.join(30)
+        elapsed = time.monotonic() - started
+        assert answer, "the caller got no answer"
+        assert elapsed < 20, f"the guest ran on for {elapsed:.1f} s after the cancel (deadline 60 s)"
+        assert scalar(db_, "SELECT status FROM runs WHERE id = :i", i=run_id) == "cancelled"
+        assert "operator" in (scalar(db_, "SELECT error FROM runs WHERE id = :i", i=run_id) or "")
+    runtime.close()

@@ -18,6 +18,7 @@ slot and while it runs, so recovery never takes back a run whose caller is still
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -32,7 +33,8 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from wasmflow.engine.base import Status
-from wasmflow.host_functions.spec import Event
+from wasmflow.host_functions.spec import CancelSignal, Event
+from wasmflow.platform.cancel import CancelWatcher, cancel_reason
 from wasmflow.platform.executor import execute, report
 from wasmflow.platform.matching import GithubEventInfo, match_github
 from wasmflow.platform.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -139,7 +141,9 @@ class Ingress:
         self.secret = webhook_secret.encode() if webhook_secret else None
         self.max_body = max_body
         self.body_timeout = body_timeout
-        self._http_runs: set[str] = set()  # HTTP-triggered runs stored and not yet finished: kept leased
+        # HTTP-triggered runs stored and not yet finished: kept leased, and stopped when cancelled
+        self._http_runs: dict[str, CancelSignal] = {}
+        self._cancels: Optional[CancelWatcher] = None
         self._lease_task: Optional[asyncio.Task[None]] = None
 
     def add_routes(self, app: web.Application) -> None:
@@ -292,10 +296,11 @@ class Ingress:
         no answer, so it is not run again) and goes on up.
         """
         loop = asyncio.get_running_loop()
-        self._http_runs.add(claimed.id)  # leased from here until its result is stored, however long it waits
+        signal = self._http_runs[claimed.id] = CancelSignal()  # leased from here until its result is stored
         try:
             try:
-                outcome = await loop.run_in_executor(self.run_pool, execute, self.runtime, claimed)
+                outcome = await loop.run_in_executor(self.run_pool, functools.partial(execute, self.runtime, claimed,
+                                                                                      cancel=signal))
             except BaseException:
                 await loop.run_in_executor(self.db_pool, self._give_back, claimed.id)
                 raise
@@ -309,7 +314,7 @@ class Ingress:
             except Exception:  # the caller still gets its answer; the lease expiring files the run `lost`
                 log.exception("run %s: storing the result failed", claimed.id)
         finally:
-            self._http_runs.discard(claimed.id)
+            self._http_runs.pop(claimed.id, None)
         report(self.metrics, outcome, finish)
         return outcome
 
@@ -321,8 +326,19 @@ class Ingress:
 
     async def _start_leases(self, app: web.Application) -> None:
         self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases())
+        # A cancel of an HTTP run (`wasmflow cancel`, the console) reaches it as it reaches a worker's.
+        self._cancels = CancelWatcher(self.queue.db, lambda: list(self._http_runs), self._cancel_local)
+        self._cancels.start()
+
+    def _cancel_local(self, run_id: str, by: str) -> None:
+        signal = self._http_runs.get(run_id)
+        if signal is not None and not signal:
+            signal.cancel(cancel_reason(by))
+            log.info("HTTP run %s: %s; stopping its guest", run_id, signal.reason)
 
     async def _stop_leases(self, app: web.Application) -> None:
+        if self._cancels is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._cancels.stop)
         if self._lease_task is not None:
             self._lease_task.cancel()
             try:
