@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import queue
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -18,7 +19,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .abi import NNError, NNFailure, NNHalt
 from .ggml_params import GgmlParams, SamplingParams, apply_metadata
-from .ggml_pool import borrow, load_llama_cpp
+from .batch_scheduler import BatchScheduler, SeqRequest
+from .ggml_pool import Lease, borrow, load_llama_cpp
+
+REPLY_TIMEOUT = 600.0  # seconds without a token from the scheduler before a caller with no deadline gives up
 
 
 def token_piece(llama: Any, token: int) -> bytes:
@@ -35,6 +39,10 @@ def token_piece(llama: Any, token: int) -> bytes:
 
 
 def _grammar(sp: SamplingParams, llama: Any) -> Any:
+    return checked_grammar(sp, llama._model.vocab)
+
+
+def checked_grammar(sp: SamplingParams, vocab: Any) -> Any:
     """The LlamaGrammar for `grammar` / `json-schema`, checked first: llama-cpp-python hands a grammar
     that llama.cpp cannot parse to the sampler chain as a NULL sampler, which kills the process, so a
     guest's grammar is parsed here once and refused (invalid_argument) if llama.cpp returns NULL."""
@@ -50,7 +58,7 @@ def _grammar(sp: SamplingParams, llama: Any) -> Any:
     except Exception as exc:
         raise NNFailure(NNError.INVALID_ARGUMENT, f"bad grammar or json-schema: {exc}") from None
     lc = load_llama_cpp()
-    probe = lc.llama_sampler_init_grammar(llama._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+    probe = lc.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
     if not probe:
         raise NNFailure(NNError.INVALID_ARGUMENT, "llama.cpp cannot parse the grammar")
     lc.llama_sampler_free(probe)
@@ -157,6 +165,168 @@ class Generation:
             self._gen = None
 
 
+class BatchedGeneration:
+    """`Generation`'s interface (step / tokens / text / done / close) over a `BatchScheduler`: the
+    request joins the model's shared batch and this side reads its tokens as they come.
+
+    The same checks as `Generation`, in the same order (prompt too long, n-predict, the run's
+    deadline, a full window, end of generation, reverse prompt), so the two give the same codes. The
+    run's deadline bounds every wait for a token: when it passes, the request is cancelled (its
+    sequence is free at the next batch step) and the run ends `timeout`."""
+
+    def __init__(self, scheduler: BatchScheduler, prompt: list[int], sp: SamplingParams, n_ctx: Optional[int] = None,
+                 deadline: Optional[Callable[[], float]] = None, model: Any = None, wait: float = REPLY_TIMEOUT) -> None:
+        self.scheduler = scheduler
+        self.wait = wait  # seconds the request may queue for a sequence (busy after that)
+        self.prompt = prompt
+        self.sp = sp
+        self.deadline = deadline
+        limit = scheduler.params.ctx_size
+        self.n_ctx = min(limit, n_ctx) if n_ctx else limit
+        self.tokens: list[int] = []
+        self.text = bytearray()
+        self.done: Optional[NNError] = None
+        self.request: Optional[SeqRequest] = None
+        self.reused = 0  # prompt tokens the prefix cache supplied (known once the request has ended)
+        self._model = model  # the GgmlModel, told when a generation opens and closes (its `busy`)
+        self._lc = load_llama_cpp()
+        self._buf = ctypes.create_string_buffer(256)
+
+    def _start(self) -> None:
+        self.scheduler.load()
+        grammar = checked_grammar(self.sp, self.scheduler.vocab)
+        self.check_deadline("prompt evaluation")
+        self.request = self.scheduler.submit(SeqRequest(list(self.prompt), self.sp, self.n_ctx, grammar))
+        if self._model is not None:
+            self._model.generation_opened()
+
+    def step(self) -> tuple[NNError, bytes]:
+        if self.done is not None:
+            return self.done, b""
+        if self.request is None:
+            if not self.prompt:
+                raise NNFailure(NNError.INVALID_ARGUMENT, "llama input is not set")
+            if len(self.prompt) > self.n_ctx - 4:  # WasmEdge keeps 4 positions for special tokens
+                self.done = NNError.PROMPT_TOO_LONG
+                return self.done, b""
+            self._start()
+        if 0 <= self.sp.n_predict <= len(self.tokens):
+            self.done = NNError.END_OF_SEQUENCE
+            self.close()
+            return self.done, b""
+        self.check_deadline("generation")
+        if len(self.prompt) + len(self.tokens) >= self.n_ctx:
+            self.done = NNError.CONTEXT_FULL
+            self.close()
+            return self.done, b""
+        item = self._next()
+        if isinstance(item, NNFailure):
+            self.close()
+            raise item
+        if isinstance(item, NNError):
+            self.done = item
+            self.close()
+            return self.done, b""
+        token = int(item)
+        vocab = self.scheduler.vocab
+        if not self.sp.ignore_eos and self._lc.llama_vocab_is_eog(vocab, token):
+            self.done = NNError.END_OF_SEQUENCE
+            self.close()
+            return self.done, b""
+        n = self._lc.llama_token_to_piece(vocab, token, self._buf, 256, 0, False)
+        piece = self._buf.raw[:n] if 0 <= n <= 256 else _piece(vocab, token)
+        self.tokens.append(token)
+        self.text += piece
+        if self.sp.reverse_prompt and self.sp.reverse_prompt.encode() in self.text[-(len(self.sp.reverse_prompt.encode()) + len(piece)):]:
+            self.done = NNError.END_OF_SEQUENCE  # this token still counts and is returned
+            self.close()
+        return NNError.SUCCESS, piece
+
+    def _next(self) -> Any:
+        """The next item from the scheduler, waiting no longer than the run has left."""
+        assert self.request is not None
+        req = self.request
+        what = "generation" if self.tokens else "prompt evaluation"
+        start = time.monotonic()
+        while True:
+            left = REPLY_TIMEOUT - (time.monotonic() - start)
+            if self.deadline is not None:
+                left = min(left, self.deadline())
+            queued = req.admitted is None
+            if queued:  # still waiting for a sequence: the caller's wait bounds that too
+                left = min(left, self.wait - (time.monotonic() - req.submitted))
+            try:
+                return req.out.get(timeout=max(0.0, min(left, 0.25)))
+            except queue.Empty:
+                pass
+            if left > 0.25:
+                continue
+            run_left = self.deadline() if self.deadline is not None else 1.0
+            if queued and req.admitted is not None and run_left > 0:
+                continue  # it got a sequence just now: the queueing limit no longer applies
+            self.close()
+            if self.deadline is not None and self.deadline() <= 0:
+                raise NNHalt("timeout", f"the run's deadline passed during {what}") from None
+            if queued and req.admitted is None:
+                raise NNFailure(NNError.BUSY, f"no free sequence of {self.scheduler.name} within {self.wait:.1f}s") from None
+            raise NNFailure(NNError.RUNTIME_ERROR, f"no token from the batch scheduler in {REPLY_TIMEOUT:.0f}s") from None
+
+    def check_deadline(self, what: str) -> None:
+        if self.deadline is not None and self.deadline() <= 0:
+            self.close()
+            raise NNHalt("timeout", f"the run's deadline passed during {what}")
+
+    def close(self) -> None:
+        """Leave the batch now (a no-op once the request ended by itself)."""
+        req, self.request = self.request, None
+        if req is not None:
+            self.scheduler.cancel(req)
+            self.reused = req.reused
+            if self._model is not None:
+                self._model.generation_closed()
+        if self.done is None and req is not None:
+            self.done = NNError.END_OF_SEQUENCE
+
+
+def _piece(vocab: Any, token: int) -> bytes:
+    llama_cpp = load_llama_cpp()
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
+
+
+class Stream:
+    """A generation and what it holds (a pooled context's lease, or nothing on a scheduler), so the
+    callers (`GgmlExecution`, `complete`) treat both paths alike."""
+
+    def __init__(self, gen: Any, lease: Optional[Lease] = None) -> None:
+        self.gen = gen
+        self.lease = lease
+
+    def close(self) -> None:
+        self.gen.close()
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            lease.release()
+
+
+def open_generation(model: Any, params: GgmlParams, prompt: list[int], wait: float,
+                    deadline: Optional[Callable[[], float]] = None, memory: Optional[int] = None) -> Stream:
+    """A generation of `prompt` on `model` (a GgmlModel): on the model's batch scheduler where it has
+    one, else on a context borrowed from its pool for as long as the stream is open."""
+    sched = model.scheduler(params.instance)
+    if sched is not None:
+        if deadline is not None and deadline() <= 0:
+            raise NNHalt("timeout", f"the run's deadline passed before the generation on {model.name} started")
+        return Stream(BatchedGeneration(sched, prompt, params.sampling, params.instance.ctx_size, deadline, model, wait))
+    lease = borrow(model, params.instance, wait, deadline, memory)
+    return Stream(Generation(lease.llama, prompt, params.sampling, params.instance.ctx_size, deadline), lease)
+
+
 def embed_tokens(llama: Any, tokens: list[int], deadline: Optional[Callable[[], float]] = None) -> list[float]:
     """Sentence embedding of one token sequence (the model's pooling), L2-normalised like WasmEdge.
     One decode of at most a batch; it does not start once the run's deadline has passed."""
@@ -234,46 +404,46 @@ class Completion:
 def complete(model: Any, params: GgmlParams, prompt: list[int], stops: list[str], *, wait: float,
              deadline: Optional[Callable[[], float]] = None, stop_at: Optional[float] = None,
              emit: Optional[Callable[[str], None]] = None, cancel: Optional[threading.Event] = None) -> Completion:
-    """Generate from the tokens `prompt` on a borrowed context of `model` (a GgmlModel) until a stop
-    string, end of generation, n-predict or a full context.
+    """Generate from the tokens `prompt` on `model` (a GgmlModel: its batch scheduler, or a borrowed
+    context) until a stop string, end of generation, n-predict or a full context.
 
-    `deadline` is the run's (passing it ends the run `timeout`: `Generation` checks it between decode
+    `deadline` is the run's (passing it ends the run `timeout`: the generation checks it between decode
     steps); `stop_at` a time.monotonic() instant after which the answer ends early with finish "time";
     `emit` receives text as it becomes final (held back while it might start a stop string); `cancel`
     stops at the next token. Text is decoded incrementally, so a character split across tokens is whole."""
-    with borrow(model, params.instance, wait, deadline) as lease:
-        gen = Generation(lease.llama, prompt, params.sampling, params.instance.ctx_size, deadline)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        text, sent, finish, hit = "", 0, "stop", None  # sent: characters of `text` already emitted
-        hold = max((len(s) - 1 for s in stops), default=0)
-        try:
-            while cancel is None or not cancel.is_set():
-                code, piece = gen.step()
-                if code == NNError.PROMPT_TOO_LONG:
-                    raise NNFailure(NNError.PROMPT_TOO_LONG, f"the prompt has {len(prompt)} tokens; the context holds {gen.n_ctx - 4}")
-                if piece:
-                    text += decoder.decode(piece)
-                hit = next((text.index(s) for s in stops if s in text), None)
-                if hit is not None:
-                    text = text[:hit]
-                    break
-                if code != NNError.SUCCESS:
-                    limited = code == NNError.CONTEXT_FULL or 0 <= params.sampling.n_predict <= len(gen.tokens)
-                    finish = "length" if limited else "stop"
-                    break
-                if stop_at is not None and time.monotonic() >= stop_at:
-                    finish = "time"
-                    break
-                if emit is not None and len(text) - hold > sent:
-                    emit(text[sent : len(text) - hold])
-                    sent = len(text) - hold
-            if hit is None:
-                text += decoder.decode(b"", final=True)
-            if emit is not None and len(text) > sent:
-                emit(text[sent:])
-            return Completion(text, finish, len(prompt), len(gen.tokens))
-        finally:
-            gen.close()
+    stream = open_generation(model, params, prompt, wait, deadline)
+    gen = stream.gen
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    text, sent, finish, hit = "", 0, "stop", None  # sent: characters of `text` already emitted
+    hold = max((len(s) - 1 for s in stops), default=0)
+    try:
+        while cancel is None or not cancel.is_set():
+            code, piece = gen.step()
+            if code == NNError.PROMPT_TOO_LONG:
+                raise NNFailure(NNError.PROMPT_TOO_LONG, f"the prompt has {len(prompt)} tokens; the context holds {gen.n_ctx - 4}")
+            if piece:
+                text += decoder.decode(piece)
+            hit = next((text.index(s) for s in stops if s in text), None)
+            if hit is not None:
+                text = text[:hit]
+                break
+            if code != NNError.SUCCESS:
+                limited = code == NNError.CONTEXT_FULL or 0 <= params.sampling.n_predict <= len(gen.tokens)
+                finish = "length" if limited else "stop"
+                break
+            if stop_at is not None and time.monotonic() >= stop_at:
+                finish = "time"
+                break
+            if emit is not None and len(text) - hold > sent:
+                emit(text[sent : len(text) - hold])
+                sent = len(text) - hold
+        if hit is None:
+            text += decoder.decode(b"", final=True)
+        if emit is not None and len(text) > sent:
+            emit(text[sent:])
+        return Completion(text, finish, len(prompt), len(gen.tokens))
+    finally:
+        stream.close()
 
 
 def chat(model: Any, messages: list[dict[str, Any]], request: Mapping[str, Any], *, wait: float,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .abi import NNError, NNFailure
-from .generation import Generation, embed_tokens, token_piece
+from .generation import Generation, Stream, embed_tokens, open_generation, token_piece
 from .ggml_params import GgmlParams, InstanceParams, SamplingParams, apply_metadata, parse_metadata_bytes
 from .ggml_pool import LLAMA_BUILD_NUMBER, GgmlModel, Lease, LlamaPool, VocabOnly, borrow, gpu_offload_supported, llama_commit
 
@@ -37,8 +37,8 @@ class GgmlExecution:
     output: bytes = b""
     output_tokens: int = 0
     last_piece: bytes = b""
-    _stream: Optional[Generation] = None
-    _lease: Optional[Lease] = None
+    _stream: Optional[Stream] = None
+    _lease: Optional[Lease] = None  # an embedding's context
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -76,29 +76,34 @@ class GgmlExecution:
         if not self.prompt:
             raise NNFailure(NNError.INVALID_ARGUMENT, "llama input is not set")
         self._end_stream()
-        llama = self._borrow()
-        try:
-            if self.params.instance.embedding:
-                vec = embed_tokens(llama, self.prompt, self.deadline)
-                self.output = json.dumps({"n_embedding": len(vec), "embedding": vec}, separators=(",", ":")).encode()
-                self.output_tokens = 0
-                return NNError.SUCCESS
-            gen = Generation(llama, self.prompt, self.params.sampling, self.params.instance.ctx_size, self.deadline)
+        if self.params.instance.embedding:
+            llama = self._borrow()
             try:
-                while True:
-                    code, piece = gen.step()
-                    if piece and self.params.sampling.stream_stdout:
-                        self.write_stdout(piece)
-                    if code != NNError.SUCCESS or gen.done is not None:
-                        break
+                vec = embed_tokens(llama, self.prompt, self.deadline)
             finally:
-                gen.close()
-            self.output = bytes(gen.text)
-            self.output_tokens = len(gen.tokens)
-            final = gen.done or NNError.END_OF_SEQUENCE
-            return NNError.SUCCESS if final == NNError.END_OF_SEQUENCE else final
+                self._give_back()
+            self.output = json.dumps({"n_embedding": len(vec), "embedding": vec}, separators=(",", ":")).encode()
+            self.output_tokens = 0
+            return NNError.SUCCESS
+        stream = self._open()
+        gen = stream.gen
+        try:
+            while True:
+                code, piece = gen.step()
+                if piece and self.params.sampling.stream_stdout:
+                    self.write_stdout(piece)
+                if code != NNError.SUCCESS or gen.done is not None:
+                    break
         finally:
-            self._give_back()
+            stream.close()
+        self.output = bytes(gen.text)
+        self.output_tokens = len(gen.tokens)
+        final = gen.done or NNError.END_OF_SEQUENCE
+        return NNError.SUCCESS if final == NNError.END_OF_SEQUENCE else final
+
+    def _open(self) -> Stream:
+        """A generation of the prompt: on the model's batch scheduler, or on a borrowed context."""
+        return open_generation(self.model, self.params, self.prompt, self.deadline(), self.deadline, self.memory)
 
     def compute_single(self) -> NNError:
         if not self.prompt:
@@ -106,15 +111,14 @@ class GgmlExecution:
         if self.params.instance.embedding:
             raise NNFailure(NNError.UNSUPPORTED_OPERATION, "compute_single does not apply to embeddings")
         if self._stream is None:
-            llama = self._borrow()
-            self._stream = Generation(llama, self.prompt, self.params.sampling, self.params.instance.ctx_size, self.deadline)
+            self._stream = self._open()
             self.output = b""
             self.output_tokens = 0
-        code, piece = self._stream.step()
+        code, piece = self._stream.gen.step()
         self.last_piece = piece
         if code == NNError.SUCCESS:
             self.output += piece
-            self.output_tokens = len(self._stream.tokens)
+            self.output_tokens = len(self._stream.gen.tokens)
             if piece and self.params.sampling.stream_stdout:
                 self.write_stdout(piece)
         return code

@@ -1,10 +1,12 @@
-"""Process-wide GGML state: llama-cpp-python itself, models, and pools of llama contexts.
+"""Process-wide GGML state: models, their batch schedulers and their pools of llama contexts.
 
-A `GgmlModel` per registered model holds a small pool of `llama_cpp.Llama` instances per distinct set
-of *instance* parameters (n-gpu-layers, ctx-size, embedding, ...). The weights are mmapped, so a second
-instance costs its KV cache, not another copy of the model. A run borrows one instance (`borrow`) for
-the length of a compute, of a whole streaming session or of one chat / embedding request, which is what
-keeps two callers from interleaving tokens in one llama context.
+A `GgmlModel` per registered model holds, per distinct set of *instance* parameters (n-gpu-layers,
+ctx-size, embedding, ...), a `BatchScheduler` (one context shared by every generation, see
+`batch_scheduler`) and a small pool of `llama_cpp.Llama` instances (embeddings, guests' own GGUFs,
+models with batching off; the scheduler's context counts against the pool's size). The weights are
+mmapped, so a second context costs its KV cache, not another copy of the model. A pooled instance is
+borrowed (`borrow`) for the length of a compute, of a whole streaming session or of one chat /
+embedding request, which keeps two callers from interleaving tokens in one llama context.
 """
 
 from __future__ import annotations
@@ -18,29 +20,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from .abi import NNError, NNFailure, NNHalt
+from .batch_scheduler import BatchScheduler
 from .ggml_params import GgmlParams, InstanceParams
+from .llama_lib import load_llama_cpp
 
 LLAMA_BUILD_NUMBER = 0  # llama-cpp-python does not expose llama.cpp's build number; see llama_commit
-
-
-def load_llama_cpp():  # type: ignore[no-untyped-def]
-    """Import llama_cpp lazily: the package is optional and its import loads a large shared library."""
-    try:
-        import llama_cpp
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise NNFailure(NNError.UNSUPPORTED_OPERATION, f"the ggml back end needs llama-cpp-python: {exc}") from None
-    global _quiet
-    if not _quiet:
-        # llama.cpp logs every model load to stderr, which is the guest's stderr under `wasmflow exec`;
-        # keep only errors unless WASMFLOW_NN_LOG is set.
-        from llama_cpp._logger import set_verbose
-
-        set_verbose(bool(os.environ.get("WASMFLOW_NN_LOG")))
-        _quiet = True
-    return llama_cpp
-
-
-_quiet = False
 
 
 def llama_commit() -> str:
@@ -87,6 +71,25 @@ class LlamaPool:
         self._cond = threading.Condition()
         self.stats = PoolStats(size=self.size)
         self.last_used = time.monotonic()
+        self._reserved = 0  # contexts held by a batch scheduler for these parameters
+
+    def reserve(self, timeout: float) -> bool:
+        """Take one of the pool's `size` places for a batch scheduler's context, waiting at most
+        `timeout` seconds: the scheduler's context counts against the same limit as lent ones."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.stats.busy + self._reserved >= self.size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            self._reserved += 1
+            return True
+
+    def unreserve(self) -> None:
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+            self._cond.notify_all()
 
     def _build(self) -> Any:
         llama_cpp = load_llama_cpp()
@@ -130,10 +133,12 @@ class LlamaPool:
             self.stats.waiting += 1
             try:
                 while True:
-                    if self._free:
+                    if self.stats.busy + self._reserved >= self.size:
+                        pass  # every context in use (the batch scheduler's counts as one)
+                    elif self._free:
                         inst = self._free.pop()
                         break
-                    if len(self._all) < self.size:
+                    elif len(self._all) < self.size:
                         inst = self._build()
                         self._all.append(inst)
                         break
@@ -155,11 +160,11 @@ class LlamaPool:
             self._free.append(inst)
             self.stats.busy -= 1
             self.last_used = time.monotonic()
-            self._cond.notify()
+            self._cond.notify_all()
 
     def idle(self) -> bool:
         with self._cond:
-            return self.stats.busy == 0 and self.stats.waiting == 0
+            return self.stats.busy == 0 and self.stats.waiting == 0 and self._reserved == 0
 
     def close(self) -> None:
         with self._cond:
@@ -252,8 +257,18 @@ class GgmlModel:
     backend = "ggml"
 
     def __init__(self, name: str, path: str, base: GgmlParams = GgmlParams(), pool_size: int = 1, max_variants: int = 4,
-                 guest: Any = None) -> None:
+                 guest: Any = None, batching: Optional[bool] = None, sequences: int = 8, kv_size: Optional[int] = None,
+                 cache_bytes: int = 256 << 20) -> None:
         self.name = name
+        # Generation goes through a batch scheduler (one context, several sequences) unless turned off;
+        # a guest's own GGUF keeps a context per run, which the flow's memory limit can be checked against.
+        self.batching = (guest is None) if batching is None else batching
+        self.sequences = max(1, sequences)
+        self.kv_size = kv_size
+        self.cache_bytes = cache_bytes
+        self._schedulers: "OrderedDict[InstanceParams, BatchScheduler]" = OrderedDict()
+        self._generating = 0  # generations open on schedulers (what `busy` counts for them)
+        self._generations_total = 0
         self.path = path
         self.base = base
         self.guest = guest  # a GgufInfo when the bytes came from a guest: its contexts are held to the memory limit
@@ -279,17 +294,53 @@ class GgmlModel:
         self._vocab_instance()
         params = self._normalise(params or self.base.instance)
         with self._lock:
-            pool = self._pools.get(params)
-            if pool is None:
-                while len(self._pools) >= self.max_variants:
-                    victim = next((k for k, v in self._pools.items() if v.idle()), None)
+            return self._pool_locked(params)
+
+    def _pool_locked(self, params: InstanceParams) -> LlamaPool:
+        """The pool for `params` (normalised); the caller holds `_lock`."""
+        pool = self._pools.get(params)
+        if pool is None:
+            while len(self._pools) >= self.max_variants:
+                victim = next((k for k, v in self._pools.items() if v.idle()), None)
+                if victim is None:
+                    raise NNFailure(NNError.BUSY, f"model {self.name}: {self.max_variants} parameter sets in use")
+                self._pools.pop(victim).close()
+            pool = LlamaPool(self.path, params, self.pool_size)
+            self._pools[params] = pool
+        self._pools.move_to_end(params)
+        return pool
+
+    def scheduler(self, params: Optional[InstanceParams] = None) -> Optional[BatchScheduler]:
+        """The batch scheduler for these instance parameters, or None where generation keeps a pooled
+        context per request (batching off, embeddings). Built (not yet loaded) on first request."""
+        if not self.batching:
+            return None
+        self._vocab_instance()
+        params = self._normalise(params or self.base.instance)
+        if params.embedding:
+            return None
+        with self._lock:
+            sched = self._schedulers.get(params)
+            if sched is None:
+                while len(self._schedulers) >= self.max_variants:
+                    victim = next((k for k, v in self._schedulers.items() if v.idle()), None)
                     if victim is None:
                         raise NNFailure(NNError.BUSY, f"model {self.name}: {self.max_variants} parameter sets in use")
-                    self._pools.pop(victim).close()
-                pool = LlamaPool(self.path, params, self.pool_size)
-                self._pools[params] = pool
-            self._pools.move_to_end(params)
-            return pool
+                    self._schedulers.pop(victim).close()
+                sched = BatchScheduler(self.path, params, self.sequences, self.kv_size, self.cache_bytes, name=self.name,
+                                       gate=self._pool_locked(params))
+                self._schedulers[params] = sched
+            self._schedulers.move_to_end(params)
+            return sched
+
+    def generation_opened(self) -> None:
+        with self._lock:
+            self._generating += 1
+            self._generations_total += 1
+
+    def generation_closed(self) -> None:
+        with self._lock:
+            self._generating -= 1
 
     def _vocab_instance(self) -> "VocabOnly":
         """The vocabulary alone (no weights, no context): enough to tokenize, cheap to keep."""
@@ -306,7 +357,11 @@ class GgmlModel:
         use, so the first run does not pay for it."""
         self._vocab_instance()
         if warm:
-            self.pool().warm()
+            sched = self.scheduler()
+            if sched is not None:
+                sched.load()
+            else:
+                self.pool().warm()
 
     def check_memory(self, params: InstanceParams, memory: Optional[int]) -> None:
         """For a guest's GGUF: refuse (`oom`) a context that would need more than the flow's memory
@@ -366,17 +421,33 @@ class GgmlModel:
         return self._template
 
     def stats(self) -> dict[str, Any]:
+        """What /metrics and the console show for this model: the pools' figures (contexts lent per
+        request) with the batch schedulers' added in (`busy`: generations open, `waiting`: requests
+        queued for a sequence), and the schedulers' own under `batching`."""
         with self._lock:
             pools = list(self._pools.values())
+            scheds = list(self._schedulers.values())
+            generating, generations = self._generating, self._generations_total
+        snaps = [s.snapshot() for s in scheds]
+        batching = {key: sum(s[key] for s in snaps) for key in _SUMMED}
+        batching.update({
+            "enabled": self.batching, "contexts": sum(1 for s in scheds if s.loaded),
+            "batch_size_last": max((s["batch_size_last"] for s in snaps), default=0),
+            "batch_size_max": max((s["batch_size_max"] for s in snaps), default=0),
+            "batch_size_mean": max((s["batch_size_mean"] for s in snaps), default=0.0),
+            "tokens_per_second": round(batching["tokens_generated"] / batching["decode_seconds_total"], 1)
+            if batching["decode_seconds_total"] else 0.0,
+        })
         return {
             "backend": "ggml",
-            "loaded": any(p._all for p in pools),
-            "instances": sum(len(p._all) for p in pools),
-            "busy": sum(p.stats.busy for p in pools),
-            "waiting": sum(p.stats.waiting for p in pools),
-            "acquired_total": sum(p.stats.acquired_total for p in pools),
-            "wait_seconds_total": sum(p.stats.wait_seconds_total for p in pools),
+            "loaded": any(p._all for p in pools) or any(s.loaded for s in scheds),
+            "instances": sum(len(p._all) for p in pools) + batching["contexts"],
+            "busy": sum(p.stats.busy for p in pools) + generating,
+            "waiting": sum(p.stats.waiting for p in pools) + batching["waiting"],
+            "acquired_total": sum(p.stats.acquired_total for p in pools) + generations,
+            "wait_seconds_total": sum(p.stats.wait_seconds_total for p in pools) + batching["queue_wait_seconds_total"],
             "busy_total": sum(p.stats.busy_total for p in pools),
+            "batching": batching,
         }
 
     def close(self) -> None:
@@ -384,10 +455,18 @@ class GgmlModel:
             for pool in self._pools.values():
                 pool.close()
             self._pools.clear()
+            for sched in self._schedulers.values():
+                sched.close()
+            self._schedulers.clear()
             if self._vocab is not None:
                 self._vocab.close()
             self._vocab = None
 
+
+
+_SUMMED = ("sequences", "sequences_busy", "waiting", "submitted", "finished", "cancelled", "steps", "tokens_generated",
+           "prompt_tokens_evaluated", "decode_seconds_total", "queue_wait_seconds_total", "kv_full", "cache_hits",
+           "cache_misses", "cache_saved_tokens", "cache_evictions", "cache_tokens", "cache_entries", "cache_bytes")
 
 
 # llama-cpp-python's chat formats for GGUF files without a chat template, by architecture.

@@ -190,8 +190,11 @@ class ModelRegistry:
             elif "n-gpu-layers" not in options and "ngl" not in options and gpu_offload_supported():
                 # GPU or AUTO with a CUDA build and no explicit layer count: offload every layer.
                 params = GgmlParams(replace(params.instance, n_gpu_layers=-1), params.sampling)
+            from .batch_scheduler import batching_options
+
             pool = options.get("parallel", self.pool_size)
-            return GgmlModel(entry.name, entry.path, params, pool_size=int(pool) if isinstance(pool, int) else self.pool_size)
+            return GgmlModel(entry.name, entry.path, params, pool_size=int(pool) if isinstance(pool, int) else self.pool_size,
+                             **batching_options(options))
         from .onnx_backend import OnnxModel
 
         return OnnxModel(entry.name, entry.path, model_target_name(entry.target), options)
