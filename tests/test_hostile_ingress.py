@@ -222,17 +222,20 @@ def test_final_status_refuses_anything_outside_200_to_599() -> None:
 # -- (d) an HTTP run outliving its lease -------------------------------------------------------------
 
 def test_http_runs_longer_than_their_lease_are_recorded_as_answered(tmp_path: Path, make_runtime) -> None:
-    """Eight one-second runs through two run slots under a 0.5 s lease: the last ones wait their turn
-    past `timeout + lease`, and recovery must never take them back (before the fix: `dead/lost`)."""
+    """Eight one-second runs through two run slots under a 1.5 s lease: the last ones wait their turn
+    past `timeout + lease` (3.5 s), and recovery must never take them back (before the fix: `dead/lost`).
+
+    The lease leaves the heartbeat (every lease / 3) a second of slack: late in a long test session a
+    full garbage collection of the test process's heap can pause every thread for a few hundred ms."""
     flows = f"""
 flows:
   - name: slow
     module: {write_wat(tmp_path / "slow.wasm", SLOW_WAT.format(ns=1_000_000_000))}
-    limits: {{timeout: 3s}}
+    limits: {{timeout: 2s}}
     on: [{{http: {{methods: [POST]}}}}]
 """
     runtime = make_runtime(tmp_path / "app", flows)
-    options = Options(workers=2, poll_interval=0.1, lease_seconds=0.5, webhook_secret=SECRET)
+    options = Options(workers=2, poll_interval=0.1, lease_seconds=1.5, webhook_secret=SECRET)
     with ServerThread(runtime, options) as srv:
         results: list[requests.Response] = []
         lock = threading.Lock()
