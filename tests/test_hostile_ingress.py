@@ -225,8 +225,9 @@ def test_http_runs_longer_than_their_lease_are_recorded_as_answered(tmp_path: Pa
     """Eight one-second runs through two run slots under a 1.5 s lease: the last ones wait their turn
     past `timeout + lease` (3.5 s), and recovery must never take them back (before the fix: `dead/lost`).
 
-    The lease leaves the heartbeat (every lease / 3) a second of slack: late in a long test session a
-    full garbage collection of the test process's heap can pause every thread for a few hundred ms."""
+    The lease leaves the heartbeat (every lease / 3) a second of slack: under a 0.5 s lease it was seen
+    to miss late in the full suite only (each half of the files before it passes alone; the cause, in a
+    process holding hundreds of earlier tests' objects, is not pinned down)."""
     flows = f"""
 flows:
   - name: slow
