@@ -18,7 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from engine_support import engine_name  # noqa: F401  (fixture: each engine usable here)
-from wasmflow.build import BuildError, Toolchain, build, find_toolchain, workspace_crates
+from optional_support import need_toolchain
+from wasmflow.build import BuildError, Toolchain, build, workspace_crates
 
 if TYPE_CHECKING:
     from wasmflow.flows.model import FlowsFile
@@ -30,12 +31,7 @@ GUEST_WORKSPACE = REPO / "guest-examples"
 
 def require_toolchain() -> Toolchain:
     """The Rust WASI toolchain, or a skip saying how to install it; under CI (which installs it) a failure."""
-    try:
-        return find_toolchain()
-    except BuildError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    return need_toolchain()
 
 
 @pytest.fixture(scope="session")

@@ -41,3 +41,14 @@ def need_model(path: Path, name: str) -> Path:
     if not Path(path).exists():
         missing(f"model {name} is not pulled: run `wasmflow models pull {name}` ({path} is missing)")
     return Path(path)
+
+
+def need_toolchain():  # type: ignore[no-untyped-def]
+    """The Rust WASI toolchain (wasmflow.build.Toolchain), or a skip/failure saying how to install it."""
+    from wasmflow.build import BuildError, find_toolchain
+
+    try:
+        return find_toolchain()
+    except BuildError as exc:
+        missing(f"needs a Rust toolchain for wasm32-wasi: {exc}")
+        raise  # unreachable: missing() always raises

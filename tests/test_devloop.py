@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from optional_support import missing
+from optional_support import need_toolchain
 
 from wasmflow.platform.dev import Changes, classify
 from wasmflow.platform.ingress import sign
@@ -28,15 +28,6 @@ from wasmflow.platform.store import list_runs
 from wasmflow.storage import default_url, open_database
 
 SECRET = b"dev-loop-test-secret"
-
-
-def _toolchain_or_skip() -> None:
-    from wasmflow.build import BuildError, find_toolchain
-
-    try:
-        find_toolchain()
-    except BuildError as exc:
-        missing(f"needs a Rust toolchain for wasm32-wasi: {exc}")
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float, log: Path) -> None:
@@ -65,7 +56,7 @@ def test_classify_keeps_sources_and_flows_only(tmp_path: Path) -> None:
 
 
 def test_dev_rebuilds_reloads_and_keeps_the_last_good_version(tmp_path: Path) -> None:
-    _toolchain_or_skip()
+    need_toolchain()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WASMFLOW_")}
     env.update(NO_COLOR="1", COLUMNS="200", GITHUB_WEBHOOK_SECRET=SECRET.decode())
     wasmflow = [sys.executable, "-m", "wasmflow.cli"]

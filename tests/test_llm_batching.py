@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from optional_support import need_llama_cpp
+from optional_support import need_llama_cpp, need_model
 
 need_llama_cpp()
 
@@ -290,8 +290,7 @@ def test_batching_options_are_checked(tiny: Path) -> None:
 
 @pytest.mark.slow
 def test_gemma_concurrent_answers_and_a_reused_review_prefix() -> None:
-    if not GEMMA.exists():
-        pytest.skip(f"needs Gemma 3 270M at {GEMMA}: `wasmflow models pull gemma3-270m`")
+    need_model(GEMMA, "gemma")
     base = apply_metadata(GgmlParams(), {"ctx-size": 1024, "threads": 2, "temp": 0})
     model = GgmlModel("gemma", str(GEMMA), base)
     single = GgmlModel("gemma-single", str(GEMMA), base, batching=False)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from engine_support import skip_without
+from optional_support import need_module
 from wasmflow.devtools.github_payloads import delivery_headers, encode, issues_event, pull_request_event
 from wasmflow.devtools.github_standin import GithubStandin
 from wasmflow.devtools.openai_standin import OpenAIStandin
@@ -162,7 +163,7 @@ def test_embed(tmp_path: Path, guest_wasm: dict[str, Path], engine: str) -> None
 
 
 def test_classify_onnx(tmp_path: Path, guest_wasm: dict[str, Path], engine: str) -> None:
-    pytest.importorskip("onnxruntime", reason="ONNX Runtime (onnxruntime) is not installed")
+    need_module("onnxruntime", "ONNX Runtime (pip install -e '.[nn]')")
     from wasmflow.wasi_nn.testmodels import write_tiny_onnx
 
     onnx = write_tiny_onnx(tmp_path / "tiny.onnx")

@@ -23,19 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from optional_support import missing
+from optional_support import need_toolchain
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = ["http", "github-bot", "schedule", "llm", "embed"]
-
-
-def _toolchain_or_skip() -> None:
-    from wasmflow.build import BuildError, find_toolchain
-
-    try:
-        find_toolchain()
-    except BuildError as exc:
-        missing(f"needs a Rust toolchain for wasm32-wasi: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +109,7 @@ def test_bad_names_and_places_say_what_is_allowed(installed: Path, tmp_path: Pat
 
 
 def test_readme_commands_then_every_template_builds_and_runs(installed: Path, tmp_path: Path) -> None:
-    _toolchain_or_skip()
+    need_toolchain()
     project = tmp_path / "project"
     project.mkdir()
     env = _env(installed)
@@ -208,14 +199,19 @@ def test_missing_model_is_a_clear_error(installed: Path, tmp_path: Path) -> None
 
 
 def test_build_without_a_toolchain_says_what_to_install(installed: Path, tmp_path: Path) -> None:
-    """rustup's toolchain forced where there is none: the message names both ways to get one."""
-    path = f"{installed}{os.pathsep}/usr/bin{os.pathsep}/bin"
-    if shutil.which("rustup", path=path):
-        pytest.skip("rustup is installed in /usr/bin: cannot show a machine without it")
+    """rustup's toolchain forced where there is none: the message names both ways to get one.
+
+    The PATH holds the installed `wasmflow` and a shell only, so no rustup is found on any machine."""
+    shell_dir, project = tmp_path / "shell-only", tmp_path / "project"
+    project.mkdir()
+    shell_dir.mkdir()
+    (shell_dir / "bash").symlink_to(shutil.which("bash") or "/bin/bash")
+    path = f"{installed}{os.pathsep}{shell_dir}"
+    assert shutil.which("rustup", path=path) is None
     env = _env(installed, WASMFLOW_TOOLCHAIN="rustup")
     env["PATH"] = path
-    assert _sh("wasmflow new solo", tmp_path, env).returncode == 0
-    proc = _sh("wasmflow build", tmp_path, env)
+    assert _sh("wasmflow new solo", project, env).returncode == 0
+    proc = _sh("wasmflow build", project, env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "apt-get install rustc cargo libstd-rust-dev-wasm32" in proc.stderr, proc.stderr
     assert "rustup target add wasm32-wasip1" in proc.stderr, proc.stderr
