@@ -27,8 +27,12 @@ REPLY_TIMEOUT = 600.0  # seconds without a token from the scheduler before a cal
 
 def token_piece(llama: Any, token: int) -> bytes:
     """The bytes of one token as llama.cpp renders it (special tokens rendered empty, like WasmEdge)."""
+    return vocab_piece(llama._model.vocab, token)
+
+
+def vocab_piece(vocab: Any, token: int) -> bytes:
+    """`token_piece` for a vocabulary (a scheduler's model has no `Llama`), any length."""
     llama_cpp = load_llama_cpp()
-    vocab = llama._model.vocab
     size = 64
     while True:
         buf = ctypes.create_string_buffer(size)
@@ -65,7 +69,77 @@ def checked_grammar(sp: SamplingParams, vocab: Any) -> Any:
     return grammar
 
 
-class Generation:
+class _TokenSteps:
+    """What every generation checks around its source of tokens, in one order, so both give the
+    same codes: prompt too long, n-predict, the run's deadline, a full window, end of generation,
+    reverse prompt. Subclasses say how to start (`_started`, `_start`), where the next token comes from
+    (`_next_token`: a token id, or the NNError that ends the generation) and what ending does (`_ended`)."""
+
+    prompt: list[int]
+    sp: SamplingParams
+    n_ctx: int
+    tokens: list[int]
+    text: bytearray
+    done: Optional[NNError]
+    deadline: Optional[Callable[[], float]]
+    _lc: Any
+    _buf: Any
+
+    def _started(self) -> bool:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _next_token(self) -> "int | NNError":
+        raise NotImplementedError
+
+    def _vocab(self) -> Any:
+        raise NotImplementedError
+
+    def _ended(self) -> None:
+        return None
+
+    def _stop(self, code: NNError) -> tuple[NNError, bytes]:
+        self.done = code
+        self._ended()
+        return code, b""
+
+    def step(self) -> tuple[NNError, bytes]:
+        """(SUCCESS, the newest token's bytes), or the code that ends the generation with no bytes."""
+        if self.done is not None:
+            return self.done, b""
+        if not self._started():
+            if not self.prompt:
+                raise NNFailure(NNError.INVALID_ARGUMENT, "llama input is not set")
+            if len(self.prompt) > self.n_ctx - 4:  # WasmEdge keeps 4 positions for special tokens
+                return self._stop(NNError.PROMPT_TOO_LONG)
+            self._start()
+        if 0 <= self.sp.n_predict <= len(self.tokens):
+            return self._stop(NNError.END_OF_SEQUENCE)
+        self.check_deadline("generation")
+        if len(self.prompt) + len(self.tokens) >= self.n_ctx:  # prompt and answer share the window
+            return self._stop(NNError.CONTEXT_FULL)
+        token = self._next_token()
+        if isinstance(token, NNError):
+            return self._stop(token)
+        vocab = self._vocab()
+        if not self.sp.ignore_eos and self._lc.llama_vocab_is_eog(vocab, token):
+            return self._stop(NNError.END_OF_SEQUENCE)
+        n = self._lc.llama_token_to_piece(vocab, token, self._buf, 256, 0, False)
+        piece = self._buf.raw[:n] if 0 <= n <= 256 else vocab_piece(vocab, token)
+        self.tokens.append(token)
+        self.text += piece
+        if self.sp.reverse_prompt and self.sp.reverse_prompt.encode() in self.text[-(len(self.sp.reverse_prompt.encode()) + len(piece)):]:
+            self.done = NNError.END_OF_SEQUENCE  # this token still counts and is returned
+            self._ended()
+        return NNError.SUCCESS, piece
+
+    def check_deadline(self, what: str) -> None:
+        raise NotImplementedError
+
+
+class Generation(_TokenSteps):
     """One generation on a borrowed llama instance, a token at a time.
 
     `step()` returns (code, piece): code 0 with the newest token's bytes, or END_OF_SEQUENCE /
@@ -88,58 +162,41 @@ class Generation:
         self.done: Optional[NNError] = None
         # Per-token work on the host is two C calls: keep their arguments at hand.
         self._lc = load_llama_cpp()
-        self._vocab = llama._model.vocab
+        self._vocab_ptr = llama._model.vocab
         self._buf = ctypes.create_string_buffer(256)
 
-    def step(self) -> tuple[NNError, bytes]:
-        if self.done is not None:
-            return self.done, b""
-        if self._gen is None:
-            if not self.prompt:
-                raise NNFailure(NNError.INVALID_ARGUMENT, "llama input is not set")
-            if len(self.prompt) > self.n_ctx - 4:  # WasmEdge keeps 4 positions for special tokens
-                self.done = NNError.PROMPT_TOO_LONG
-                return self.done, b""
-            llama, sp = self.llama, self.sp
-            llama.reset()
-            llama.set_seed(sp.seed)
-            self._prefill()
-            self._gen = llama.generate(
-                self.prompt,
-                top_k=sp.top_k,
-                top_p=sp.top_p,
-                min_p=sp.min_p,
-                temp=sp.temp,
-                repeat_penalty=sp.repeat_penalty,
-                presence_penalty=sp.presence_penalty,
-                frequency_penalty=sp.frequency_penalty,
-                grammar=_grammar(sp, llama),
-                reset=True,
-            )
-        if 0 <= self.sp.n_predict <= len(self.tokens):
-            self.done = NNError.END_OF_SEQUENCE
-            return self.done, b""
-        self.check_deadline("generation")
-        if len(self.prompt) + len(self.tokens) >= self.n_ctx:  # prompt and answer share the window
-            self.done = NNError.CONTEXT_FULL
-            return self.done, b""
+    def _started(self) -> bool:
+        return self._gen is not None
+
+    def _start(self) -> None:
+        llama, sp = self.llama, self.sp
+        llama.reset()
+        llama.set_seed(sp.seed)
+        self._prefill()
+        self._gen = llama.generate(
+            self.prompt,
+            top_k=sp.top_k,
+            top_p=sp.top_p,
+            min_p=sp.min_p,
+            temp=sp.temp,
+            repeat_penalty=sp.repeat_penalty,
+            presence_penalty=sp.presence_penalty,
+            frequency_penalty=sp.frequency_penalty,
+            grammar=_grammar(sp, llama),
+            reset=True,
+        )
+
+    def _next_token(self) -> "int | NNError":
+        assert self._gen is not None
         try:
-            token = next(self._gen)
+            return next(self._gen)
         except StopIteration:
-            self.done = NNError.END_OF_SEQUENCE
-            return self.done, b""
+            return NNError.END_OF_SEQUENCE
         except RuntimeError as exc:  # llama_decode failed
             raise NNFailure(NNError.RUNTIME_ERROR, f"llama_decode failed: {exc}") from None
-        if not self.sp.ignore_eos and self._lc.llama_vocab_is_eog(self._vocab, token):
-            self.done = NNError.END_OF_SEQUENCE
-            return self.done, b""
-        n = self._lc.llama_token_to_piece(self._vocab, token, self._buf, 256, 0, False)
-        piece = self._buf.raw[:n] if 0 <= n <= 256 else token_piece(self.llama, token)
-        self.tokens.append(token)
-        self.text += piece
-        if self.sp.reverse_prompt and self.sp.reverse_prompt.encode() in self.text[-(len(self.sp.reverse_prompt.encode()) + len(piece)):]:
-            self.done = NNError.END_OF_SEQUENCE  # this token still counts and is returned
-        return NNError.SUCCESS, piece
+
+    def _vocab(self) -> Any:
+        return self._vocab_ptr
 
     def check_deadline(self, what: str) -> None:
         if self.deadline is not None and self.deadline() <= 0:
@@ -165,7 +222,7 @@ class Generation:
             self._gen = None
 
 
-class BatchedGeneration:
+class BatchedGeneration(_TokenSteps):
     """`Generation`'s interface (step / tokens / text / done / close) over a `BatchScheduler`: the
     request joins the model's shared batch and this side reads its tokens as they come.
 
@@ -200,47 +257,21 @@ class BatchedGeneration:
         if self._model is not None:
             self._model.generation_opened()
 
-    def step(self) -> tuple[NNError, bytes]:
-        if self.done is not None:
-            return self.done, b""
-        if self.request is None:
-            if not self.prompt:
-                raise NNFailure(NNError.INVALID_ARGUMENT, "llama input is not set")
-            if len(self.prompt) > self.n_ctx - 4:  # WasmEdge keeps 4 positions for special tokens
-                self.done = NNError.PROMPT_TOO_LONG
-                return self.done, b""
-            self._start()
-        if 0 <= self.sp.n_predict <= len(self.tokens):
-            self.done = NNError.END_OF_SEQUENCE
-            self.close()
-            return self.done, b""
-        self.check_deadline("generation")
-        if len(self.prompt) + len(self.tokens) >= self.n_ctx:
-            self.done = NNError.CONTEXT_FULL
-            self.close()
-            return self.done, b""
+    def _started(self) -> bool:
+        return self.request is not None
+
+    def _next_token(self) -> "int | NNError":
         item = self._next()
         if isinstance(item, NNFailure):
             self.close()
             raise item
-        if isinstance(item, NNError):
-            self.done = item
-            self.close()
-            return self.done, b""
-        token = int(item)
-        vocab = self.scheduler.vocab
-        if not self.sp.ignore_eos and self._lc.llama_vocab_is_eog(vocab, token):
-            self.done = NNError.END_OF_SEQUENCE
-            self.close()
-            return self.done, b""
-        n = self._lc.llama_token_to_piece(vocab, token, self._buf, 256, 0, False)
-        piece = self._buf.raw[:n] if 0 <= n <= 256 else _piece(vocab, token)
-        self.tokens.append(token)
-        self.text += piece
-        if self.sp.reverse_prompt and self.sp.reverse_prompt.encode() in self.text[-(len(self.sp.reverse_prompt.encode()) + len(piece)):]:
-            self.done = NNError.END_OF_SEQUENCE  # this token still counts and is returned
-            self.close()
-        return NNError.SUCCESS, piece
+        return item if isinstance(item, NNError) else int(item)
+
+    def _vocab(self) -> Any:
+        return self.scheduler.vocab
+
+    def _ended(self) -> None:
+        self.close()
 
     def _next(self) -> Any:
         """The next item from the scheduler, waiting no longer than the run has left."""
@@ -287,16 +318,6 @@ class BatchedGeneration:
         if self.done is None and req is not None:
             self.done = NNError.END_OF_SEQUENCE
 
-
-def _piece(vocab: Any, token: int) -> bytes:
-    llama_cpp = load_llama_cpp()
-    size = 64
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
-        if n >= 0:
-            return buf.raw[:n]
-        size = -n
 
 
 class Stream:
