@@ -14,18 +14,15 @@ is created there and dropped after).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import requests
 import sqlalchemy as sa
@@ -34,10 +31,12 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # platform_support.ServerThread: the tests' served platform
 
 from wasmflow.console.queries import encode_cursor  # noqa: E402
 from wasmflow.flows.model import FlowsFile  # noqa: E402
-from wasmflow.platform.app import Options, Platform, serve  # noqa: E402
+from platform_support import ServerThread  # noqa: E402
+from wasmflow.platform.app import Options  # noqa: E402
 from wasmflow.runtime import Runtime  # noqa: E402
 from wasmflow.storage.schema import events_table, runs_table  # noqa: E402
 
@@ -65,47 +64,6 @@ def seed(db: sa.Engine, n: int) -> None:
     with db.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
         conn.commit()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """The platform's app (console mounted) on a thread; no dispatcher, no scheduler."""
-
-    def __init__(self, directory: Path, url: str) -> None:
-        self.runtime = Runtime(FlowsFile(), directory, database_url=url)
-        self.platform = Platform(self.runtime, Options(workers=1, dispatch=False, scheduler=False,
-                                                       console_token=TOKEN))
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: Optional[asyncio.Event] = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def main() -> None:
-            self._stop = asyncio.Event()
-            await serve(self.platform, "127.0.0.1", self.port, ready=lambda _: self._ready.set(), stop=self._stop)
-
-        self._loop.run_until_complete(main())
-
-    def __enter__(self) -> "Server":
-        self._thread.start()
-        assert self._ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
-        self.runtime.close()
 
 
 def timed(session: requests.Session, url: str, repeat: int) -> float:
@@ -141,8 +99,14 @@ def measure(url: str, n: int, repeat: int, directory: Path) -> dict[str, float]:
     db.dispose()
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
-    with Server(directory, url) as server:
-        return {name: timed(session, server.base + path, repeat) for name, path in cases(n)}
+    # The platform's app with the console mounted, on a thread; no dispatcher, no scheduler.
+    runtime = Runtime(FlowsFile(), directory, database_url=url)
+    options = Options(workers=1, dispatch=False, scheduler=False, console_token=TOKEN)
+    try:
+        with ServerThread(runtime, options) as server:
+            return {name: timed(session, server.base + path, repeat) for name, path in cases(n)}
+    finally:
+        runtime.close()
 
 
 def postgres_schema(base_url: str) -> tuple[str, Callable[[], None]]:
