@@ -178,6 +178,9 @@ def show_console_link(log_path: Path) -> None:
             input()
         except (EOFError, KeyboardInterrupt):
             pass
+    else:
+        console.print("(not a terminal, so the demo's server has stopped: run `make demo` in a terminal to keep it "
+                      "up for the link, or `wasmflow up` to serve your own flows)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -280,10 +283,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             "      WASMFLOW_REVIEW_LLM_URL=https://api.openai.com/v1 WASMFLOW_REVIEW_LLM_MODEL=gpt-4o-mini \\\n"
             "      WASMFLOW_REVIEW_LLM_KEY_ENV=OPENAI_API_KEY make demo\n"
             "The deterministic checks (size/risk, secrets, TODOs, tests) are in the comment whatever the model.\n\n"
-            "[bold]A real GitHub App[/bold]: create the App (pull requests: write, issues: write, contents: read; "
-            "events: pull request, issue comment, issues), point its webhook at https://YOUR-HOST/webhooks/github, "
-            "then set GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY, GITHUB_WEBHOOK_SECRET and run `wasmflow up`. "
-            "Step by step: docs/github-app.md.",
+            "[bold]A real GitHub App[/bold]: run `wasmflow up --public-url https://YOUR-HOST` and open /setup in "
+            "the console (headless: `wasmflow github register --public-url https://YOUR-HOST`): one click creates "
+            "the App with the events and permissions these flows need and stores its key and secret for "
+            "flows.yaml. The manual way and GitHub Enterprise: docs/github-app.md.",
             title="next steps", expand=True))
         ok = review is not None and all(r.state == "done" for r in runs)
         show_console_link(log_path)
