@@ -111,10 +111,17 @@ def entry() -> None:
     """Console-script entry point: run the CLI, then leave through `exit_now` (see wasmflow/process.py)."""
     from wasmflow.process import exit_now
 
+    import sqlalchemy as sa
+
     try:
         main(standalone_mode=True)
     except SystemExit as exc:
         exit_now(exc.code)
+    except sa.exc.SQLAlchemyError as exc:  # a store that is down, locked or not wasmflow's: say so, no traceback
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        err_console.print(f"[red]error:[/red] the database failed: {escape(reason)} (check WASMFLOW_DATABASE_URL "
+                          "or the flows.yaml state_dir, and that the server is up)")
+        exit_now(1)
     exit_now(0)
 
 
