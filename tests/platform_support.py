@@ -35,6 +35,14 @@ SECRET = "test-webhook-secret"
 # Guests written in WAT: each does one precise thing the control plane must react to.
 TRAP_WAT = '(module (memory (export "memory") 1) (func (export "_start") unreachable))'
 LOOP_WAT = '(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))'
+
+
+def busy_wat(iterations: int) -> str:
+    """A guest that counts to `iterations` and succeeds: CPU work whose length the caller picks."""
+    return f"""(module (memory (export "memory") 1)
+ (func (export "_start") (local $i i32)
+  (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1)))
+           (br_if $l (i32.lt_u (local.get $i) (i32.const {iterations}))))))"""
 OK_WAT = """(module
  (import "wasmflow" "set_output" (func $out (param i32 i32) (result i32)))
  (memory (export "memory") 1)

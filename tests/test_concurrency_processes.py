@@ -18,14 +18,10 @@ import sqlalchemy as sa
 from wasmflow.platform.store import NewEvent, NewRun, record_event
 from wasmflow.storage import open_database
 
-from platform_support import LOOP_WAT, WasmflowProcess, deliver, free_port, wait_until, write_wat
+from platform_support import LOOP_WAT, WasmflowProcess, busy_wat, deliver, free_port, wait_until, write_wat
 
 # About 50 ms of work, then success.
-SHORT_WAT = """(module
- (memory (export "memory") 1)
- (func (export "_start") (local $i i32)
-  (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1)))
-           (br_if $l (i32.lt_u (local.get $i) (i32.const 30000000))))))"""
+SHORT_WAT = busy_wat(30_000_000)
 
 FLOWS = """
 flows:

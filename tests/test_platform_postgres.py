@@ -13,15 +13,12 @@ import sqlalchemy as sa
 from wasmflow.storage import open_database
 from wasmflow.platform.store import NewEvent, NewRun, record_event
 
-from platform_support import WasmflowProcess, free_port, wait_until, write_wat
+from platform_support import WasmflowProcess, busy_wat, free_port, wait_until, write_wat
 
 RUNS = 300
 
 # About 10 ms of work per run, so a batch lasts long enough for both workers' claim loops to see it.
-BUSY_WAT = """(module (memory (export "memory") 1)
- (func (export "_start") (local $i i32)
-  (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1)))
-           (br_if $l (i32.lt_u (local.get $i) (i32.const 20000000))))))"""
+BUSY_WAT = busy_wat(20_000_000)
 
 FLOWS = """
 flows:
