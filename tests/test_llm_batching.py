@@ -248,6 +248,31 @@ def test_the_prefix_cache_never_returns_another_prompts_state(tiny: Path) -> Non
         model.close()
 
 
+def test_greedy_answers_match_the_sampler_chain_with_and_without_its_fast_path(tiny: Path) -> None:
+    """Plain greedy requests skip llama.cpp's sampler chain for an argmax over the logits; a penalty or
+    a grammar keeps the chain. Each answer equals the pooled context's (llama-cpp-python's chain)."""
+    from wasmflow.wasi_nn.batch_scheduler import SeqRequest, _greedy
+
+    base = apply_metadata(GgmlParams(), {"ctx-size": 512})
+    pooled = GgmlModel("pooled", str(tiny), base, batching=False)
+    batched = GgmlModel("batched", str(tiny), base)
+    cases = [({"temp": 0}, True), ({"temp": 0, "repeat-penalty": 1.5}, False), ({"temp": 0, "grammar": GRAMMAR}, False)]
+    try:
+        prompt = "the cat is a dog and the dog"
+        answers = []
+        for meta, fast in cases:
+            params = apply_metadata(base, {**meta, "n-predict": 32})
+            grammar = object() if meta.get("grammar") else None
+            assert _greedy(SeqRequest(prompt=[], sampling=params.sampling, n_ctx=512, grammar=grammar)) is fast
+            want = complete(pooled, params, pooled.tokenize(prompt.encode()), [], wait=30).text
+            assert complete(batched, params, batched.tokenize(prompt.encode()), [], wait=30).text == want
+            answers.append(want)
+        assert answers[0] != answers[1]  # the penalty did change the answer: the chain ran
+    finally:
+        pooled.close()
+        batched.close()
+
+
 def test_the_prefix_cache_stays_within_its_memory_budget(tiny: Path) -> None:
     budget = 320 << 10  # about two of the burst's prompts (the tiny llama's KV is ~0.5 KiB a token)
     base = apply_metadata(GgmlParams(), {"ctx-size": 512, "temp": 0})

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional
 
+import numpy
+
 from .abi import NNError, NNFailure
 from .ggml_params import InstanceParams, SamplingParams
 from .llama_lib import load_llama_cpp
@@ -78,6 +80,18 @@ class SeqRequest:
     last: Optional[int] = None  # the newest sampled token, evaluated in the next step
     n_gen: int = 0
     sampler: Any = None
+    greedy: bool = False  # plain argmax: temp 0, no grammar, neutral penalties (see `_greedy`)
+
+
+def _greedy(r: SeqRequest) -> bool:
+    """Whether the request's sampler chain would reduce to an argmax over the logits: temperature 0,
+    no grammar, and penalties that llama.cpp's penalties sampler skips (repeat 1, frequency and
+    presence 0). Why: the chain copies all of the vocabulary's logits into a candidate array every
+    token (262,144 for Gemma 3, about 0.24 ms a call, a few percent of a 4-sequence step), while
+    numpy's argmax reads them in place and picks the same first maximum."""
+    sp = r.sampling
+    return (sp.temp == 0.0 and r.grammar is None and sp.repeat_penalty == 1.0 and sp.frequency_penalty == 0.0
+            and sp.presence_penalty == 0.0)
 
 
 @dataclass
@@ -378,8 +392,9 @@ class BatchScheduler:
             r.n_past = r.reused
             r.admitted = time.monotonic()
             self.stats.queue_wait_seconds_total += r.admitted - r.submitted
+            r.greedy = _greedy(r)
             try:
-                r.sampler = self._sampler(r)
+                r.sampler = None if r.greedy else self._sampler(r)
             except Exception as exc:
                 self._end(r, NNFailure(NNError.INVALID_ARGUMENT, f"cannot build the sampler: {exc}"))
                 continue
@@ -461,7 +476,10 @@ class BatchScheduler:
                 self.stats.prompt_tokens_evaluated += len(tokens)
             if idx < 0:
                 continue
-            token = int(lc.llama_sampler_sample(r.sampler.sampler, self._ctx.ctx, idx))
+            if r.greedy:
+                token = int(numpy.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx.ctx, idx), shape=(self.n_vocab,)).argmax())
+            else:
+                token = int(lc.llama_sampler_sample(r.sampler.sampler, self._ctx.ctx, idx))
             sampled += 1
             r.last = token
             r.n_gen += 1
