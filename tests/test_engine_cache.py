@@ -102,3 +102,93 @@ def test_module_without_start_is_refused(engine, tmp_path):
     path = write_wat(tmp_path / "lib.wasm", '(module (func (export "f")))')
     with pytest.raises(ModuleError, match="no _start"):
         engine.load(path, "lib")
+
+
+@pytest.mark.parametrize("start", ['(func (export "_start") (param i32))',
+                                   '(func (export "_start") (result i32) i32.const 0)'])
+def test_a_start_that_takes_or_returns_values_is_refused_at_load(engine, tmp_path, start):
+    path = write_wat(tmp_path / "start.wasm", f'(module (memory (export "memory") 1) {start})')
+    with pytest.raises(ModuleError, match="not as a function without parameters and results"):
+        engine.load(path, "odd")
+
+
+# -- the pooling allocator: instance slots are reused, never shared ------------------------------
+
+WRITER_WAT = """(module
+ (memory (export "memory") 1)
+ (func (export "_start")
+  (drop (memory.grow (i32.const 2)))
+  (i64.store (i32.const 40000) (i64.const 0x1122334455667788))
+  (i64.store (i32.const 140000) (i64.const 0x1122334455667788))))"""
+
+READER_WAT = """(module
+ (import "wasmflow" "set_output" (func $out (param i32 i32) (result i32)))
+ (memory (export "memory") 1)
+ (func (export "_start")
+  (drop (memory.grow (i32.const 2)))
+  (i64.store (i32.const 0) (i64.load (i32.const 40000)))
+  (i64.store (i32.const 8) (i64.load (i32.const 140000)))
+  (drop (call $out (i32.const 0) (i32.const 16)))))"""
+
+
+def test_a_run_never_sees_the_memory_of_the_run_before_it_in_the_slot(engine, tmp_path):
+    assert engine.pooled  # this machine can reserve the pool; the fallback has its own test
+    writer, reader = write_wat(tmp_path / "w.wasm", WRITER_WAT), write_wat(tmp_path / "r.wasm", READER_WAT)
+    for _ in range(3):  # the same slots, over and over
+        assert run(engine, writer) is None
+        assert run(engine, reader) == bytes(16)
+
+
+def test_more_runs_at_once_than_instance_slots_wait_for_one(monkeypatch, tmp_path):
+    """Past the pool's slots a run waits for one instead of failing to instantiate."""
+    import threading
+
+    import wasmflow.engine.wasmtime_engine as wasmtime_engine
+
+    monkeypatch.setattr(wasmtime_engine, "POOL_INSTANCES", 2)
+    eng = WasmtimeEngine(Host.default(state_dir=tmp_path / "state"), tmp_path / "cache")
+    try:
+        busy = write_wat(tmp_path / "busy.wasm", """(module (memory (export "memory") 1)
+          (func (export "_start") (local i32) (local.set 0 (i32.const 30000000))
+            (loop $l (local.set 0 (i32.sub (local.get 0) (i32.const 1))) (br_if $l (local.get 0)))))""")
+        module = eng.load(busy, "busy")
+        results: list = []
+        flow = Flow(name="busy", module=str(busy))
+
+        def go() -> None:
+            results.append(eng.run(module, RunRequest(flow=flow, event=Event("manual"))))
+
+        threads = [threading.Thread(target=go) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [r.status for r in results] == [Status.OK] * 6, [r.error for r in results]
+    finally:
+        eng.close()
+
+
+def test_without_room_for_the_pool_the_engine_allocates_run_by_run(tmp_path):
+    """Under an address-space limit (ulimit -v) the pool cannot be reserved: runs still work."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
+        from test_engine_cache import READER_WAT, run
+        from guest_support import write_wat
+        from wasmflow.engine.wasmtime_engine import WasmtimeEngine
+        from wasmflow.host_functions import Host
+        from pathlib import Path
+        tmp = Path({str(tmp_path)!r})
+        eng = WasmtimeEngine(Host.default(state_dir=tmp / "state"), tmp / "cache")
+        assert not eng.pooled
+        assert run(eng, write_wat(tmp / "r.wasm", READER_WAT)) == bytes(16)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "no room for wasmtime's pooling allocator" in proc.stderr

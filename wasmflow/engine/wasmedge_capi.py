@@ -139,6 +139,7 @@ _PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...], bool]] = {
     "WasmEdge_ImportTypeGetFunctionType": (P, (P, P), True),
     "WasmEdge_ExportTypeGetExternalName": (String, (P,), True),
     "WasmEdge_ExportTypeGetExternalType": (c_uint32, (P,), True),
+    "WasmEdge_ExportTypeGetFunctionType": (P, (P, P), True),
     # function types
     "WasmEdge_FunctionTypeCreate": (P, (POINTER(ValType), c_uint32, POINTER(ValType), c_uint32), True),
     "WasmEdge_FunctionTypeGetParametersLength": (c_uint32, (P,), True),

@@ -606,13 +606,14 @@ class WasmEdgeEngine:
         count = lib.WasmEdge_ASTModuleListExportsLength(ast)
         exports = (ctypes.c_void_p * max(1, count))()
         lib.WasmEdge_ASTModuleListExports(ast, exports, count)
-        names = {
-            capi.read_string(lib.WasmEdge_ExportTypeGetExternalName(exports[i]))
-            for i in range(count)
-            if lib.WasmEdge_ExportTypeGetExternalType(exports[i]) == capi.EXTERNAL_FUNCTION
-        }
-        if "_start" not in names:
+        start = next((exports[i] for i in range(count)
+                      if lib.WasmEdge_ExportTypeGetExternalType(exports[i]) == capi.EXTERNAL_FUNCTION
+                      and capi.read_string(lib.WasmEdge_ExportTypeGetExternalName(exports[i])) == "_start"), None)
+        if start is None:
             raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
+        if self._signature(lib.WasmEdge_ExportTypeGetFunctionType(ast, start)) != ((), ()):
+            raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
+                              "and results (a WASI command's entry point)")
 
     # -- running -------------------------------------------------------------------------------
 

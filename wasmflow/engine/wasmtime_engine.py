@@ -24,8 +24,14 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Callable
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None  # type: ignore[assignment]
+
 import wasmtime
 from wasmtime import _ffi as ffi
+from wasmtime._func import enter_wasm as _enter_wasm
 
 from wasmflow.host_functions import Host
 from wasmflow.host_functions.config import wasi_env
@@ -33,11 +39,16 @@ from wasmflow.host_functions.spec import BoundedMemory, Call, Code, Halt, HostFu
 
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
 from .cache import ModuleCache
-from .module_shape import ModuleShape, ModuleShapeError, inspect
+from .module_shape import MAX_TABLES, ModuleShape, ModuleShapeError, inspect
 from .outcome import CappedBuffer, classify_failure
 
 log = logging.getLogger("wasmflow.engine.wasmtime")
 EPOCH_MS = 10
+POOL_INSTANCES = 64  # runs at once in one engine (more wait for a slot): well above the default 4 workers
+MAX_MEMORY = 4 * 1024**3  # the largest limits.memory (the wasm32 address space)
+MAX_TABLE_ELEMENTS = 10_000_000  # the largest limits.table_elements (a single table may take it all)
+# address space the pool reserves: memory slots (4 GiB and guard pages each), table slots, instance records
+POOL_RESERVATION = POOL_INSTANCES * ((MAX_MEMORY + (128 << 20)) * 2 + 8 * MAX_TABLES * MAX_TABLE_ELEMENTS + (16 << 20))
 _current = threading.local()  # the RunContext of the run executing on this thread
 
 
@@ -173,14 +184,8 @@ class WasmtimeEngine:
 
     def __init__(self, host: Host, cache_dir: Path) -> None:
         self.host = host
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
-        # Store limits cap each memory, not their sum: a module with several memories would get the
-        # cap several times. Such modules are refused at load (module_shape); this makes sure none
-        # compiles even if that check were bypassed.
-        config.wasm_multi_memory = False
-        self.engine = wasmtime.Engine(config)
+        self.engine, self.pooled = _new_engine()
+        self._slots = threading.BoundedSemaphore(POOL_INSTANCES) if self.pooled else None
         self.version = _wasmtime_version()
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
         self.linker = wasmtime.Linker(self.engine)
@@ -238,8 +243,12 @@ class WasmtimeEngine:
                 pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: {_first_line(exc)}") from None
-        if "_start" not in {e.name for e in module.exports}:
+        start = next((e.type for e in module.exports if e.name == "_start"), None)
+        if start is None:
             raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
+        if not isinstance(start, wasmtime.FuncType) or start.params or start.results:
+            raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
+                              "and results (a WASI command's entry point)")
         return WasmtimeModule(flow_name, path, module, pre, from_cache, shape)
 
     def _define_imports(self, module: wasmtime.Module) -> None:
@@ -270,16 +279,34 @@ class WasmtimeEngine:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, module: WasmtimeModule, request: RunRequest) -> RunResult:
-        flow = request.flow
-        limits = flow.limits
         ctx = request.context()
         result = RunResult(status=Status.OK, run_id=ctx.run_id, engine=self.name, mode="cranelift")
-        over = module.shape.over_caps(limits.memory, limits.table_elements)
+        over = module.shape.over_caps(request.flow.limits.memory, request.flow.limits.table_elements)
         if over:  # refused before anything is allocated (WasmEdge makes the same check)
             result.status, result.error = Status.OOM, over
             return result
-        stdout, stderr = CappedBuffer(limits.output), CappedBuffer(limits.output)
+        # A run holds one of the pool's instance slots until its store is closed (here, not whenever the
+        # garbage collector gets to it): past POOL_INSTANCES at once, a run waits for a slot.
+        slots = self._slots
+        if slots is not None and not slots.acquire(timeout=max(0.0, ctx.deadline - time.monotonic())):
+            result.status = Status.TIMEOUT
+            result.error = (f"deadline of {request.flow.limits.timeout:g}s passed while {POOL_INSTANCES} other runs "
+                            "held every instance slot")
+            return result
+        stdout, stderr = CappedBuffer(request.flow.limits.output), CappedBuffer(request.flow.limits.output)
         store = wasmtime.Store(self.engine)
+        try:
+            return self._in_store(module, request, ctx, result, store, stdout, stderr)
+        finally:
+            ctx.state.pop("_instance", None)
+            store.close()
+            if slots is not None:
+                slots.release()
+
+    def _in_store(self, module: WasmtimeModule, request: RunRequest, ctx: RunContext, result: RunResult,
+                  store: wasmtime.Store, stdout: CappedBuffer, stderr: CappedBuffer) -> RunResult:
+        flow = request.flow
+        limits = flow.limits
         # Per memory and per table, so: one memory (module_shape refuses more), tables sharing the cap.
         store.set_limits(memory_size=limits.memory, table_elements=module.shape.per_table_cap(limits.table_elements),
                          instances=1, memories=1, tables=max(1, len(module.shape.tables)))
@@ -340,7 +367,7 @@ class WasmtimeEngine:
             result.instantiate_ms = (t1 - t0) * 1000
             start = _export_func(store, instance, b"_start")
             try:
-                start(store)
+                _call_nullary(store, start)
             finally:
                 result.run_ms = (time.perf_counter() - t1) * 1000
         except Halt as exc:  # a host call ended the run (wasmtime-py re-raises the callback's exception)
@@ -370,6 +397,68 @@ class WasmtimeEngine:
             result.status, result.error = Status(ctx.halted[0]), ctx.halted[1]
 
 
+def _config() -> wasmtime.Config:
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    config.cranelift_opt_level = "speed"
+    # Store limits cap each memory, not their sum: a module with several memories would get the
+    # cap several times. Such modules are refused at load (module_shape); this makes sure none
+    # compiles even if that check were bypassed.
+    config.wasm_multi_memory = False
+    return config
+
+
+def _new_engine() -> tuple[wasmtime.Engine, bool]:
+    """The engine, with wasmtime's pooling instance allocator where the process can reserve it.
+
+    Why: with the default allocator every run maps a fresh linear memory and unmaps it at the end; a
+    short run (hello) spent a fifth of its time there and in the page faults of new memory. The pool
+    reserves `POOL_INSTANCES` slots of address space once (each as large as a wasm32 memory, 4 GiB,
+    and tables as long as `limits.table_elements` allows) and reuses them: instantiation and teardown
+    become resetting a slot. The reservation is address space, not memory (a few hundred GiB of
+    PROT_NONE mappings, about 300 GiB an engine); where a `ulimit -v` leaves no room for it, the engine
+    uses the default allocator. The per-run caps are unchanged: they are the store's limits, not the pool's."""
+    config = _config()
+    if not _room_for_pool():
+        logging.getLogger("wasmflow.engine").warning(
+            "the address-space limit (ulimit -v) leaves no room for wasmtime's pooling allocator (%d GiB of "
+            "reservations); runs allocate their memory one by one", POOL_RESERVATION >> 30)
+        return wasmtime.Engine(config), False
+    pool = ffi.wasmtime_pooling_allocation_config_new()
+    try:
+        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_INSTANCES)
+        ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, POOL_INSTANCES)
+        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, MAX_MEMORY)
+        ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pool, MAX_TABLES)
+        ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, POOL_INSTANCES * MAX_TABLES)
+        ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, MAX_TABLE_ELEMENTS)
+        # the instance record grows with a module's functions, globals and imports: room for big modules
+        ffi.wasmtime_pooling_allocation_config_max_core_instance_size_set(pool, 16 << 20)
+        # No async stacks, GC heaps or components here (module_shape refuses GC types): reserving the
+        # default thousand async stacks made creating the engine 2 ms instead of 0.13.
+        for setter in ("total_stacks", "total_gc_heaps", "total_component_instances"):
+            getattr(ffi, f"wasmtime_pooling_allocation_config_{setter}_set")(pool, 0)
+        ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
+    finally:
+        ffi.wasmtime_pooling_allocation_config_delete(pool)
+    return wasmtime.Engine(config), True
+
+
+def _room_for_pool() -> bool:
+    """Whether this process may reserve the pool: wasmtime's C API aborts the process (a panic, not
+    an error) when the reservation fails, so the address-space limit is checked first."""
+    if resource is None:  # pragma: no cover - not POSIX
+        return True
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return True
+    try:  # what the process maps already (Linux); elsewhere a generous guess
+        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        mapped = 8 << 30
+    return soft >= mapped + POOL_RESERVATION
+
+
 @functools.lru_cache(maxsize=512)
 def _char_array(strings: tuple[str, ...]) -> Any:
     """A C array of the UTF-8 strings, built once per distinct list: the same flow passes the same argv
@@ -396,6 +485,18 @@ def _export_func(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes
     if not found or item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
         raise wasmtime.WasmtimeError(f"the module has no {name.decode()} function")
     return wasmtime.Func._from_raw(item.of.func)
+
+
+def _call_nullary(store: wasmtime.Store, func: wasmtime.Func) -> None:
+    """`func(store)` for a `() -> ()` function such as `_start`, raising what `Func.__call__` raises.
+
+    `Func.__call__` asks the store for the function's type and builds Python lists of its parameter
+    and result types on every call, a tenth of a short run; `load` has checked `_start`'s type (and
+    wasmtime_func_call checks it again)."""
+    with _enter_wasm(store) as trap:
+        error = ffi.wasmtime_func_call(store._context(), ctypes.byref(func._func), None, 0, None, 0, trap)
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
