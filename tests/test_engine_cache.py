@@ -131,6 +131,16 @@ READER_WAT = """(module
   (drop (call $out (i32.const 0) (i32.const 16)))))"""
 
 
+def test_runtimes_of_one_process_share_one_engine_and_its_pool(tmp_path):
+    """Each pool reserves hundreds of GiB of address space: one per runtime would exhaust a process."""
+    first = WasmtimeEngine(Host.default(state_dir=tmp_path / "a"), tmp_path / "cache-a")
+    second = WasmtimeEngine(Host.default(state_dir=tmp_path / "b"), tmp_path / "cache-b")
+    assert first.engine is second.engine and first.shared is second.shared
+    assert first.linker is not second.linker  # host functions stay per host
+    assert run(first, wasm(tmp_path / "a.wasm", "from a")) == b"from a"
+    assert run(second, wasm(tmp_path / "b.wasm", "from b")) == b"from b"
+
+
 def test_a_run_never_sees_the_memory_of_the_run_before_it_in_the_slot(engine, tmp_path):
     assert engine.pooled  # this machine can reserve the pool; the fallback has its own test
     writer, reader = write_wat(tmp_path / "w.wasm", WRITER_WAT), write_wat(tmp_path / "r.wasm", READER_WAT)
@@ -139,14 +149,14 @@ def test_a_run_never_sees_the_memory_of_the_run_before_it_in_the_slot(engine, tm
         assert run(engine, reader) == bytes(16)
 
 
-def test_more_runs_at_once_than_instance_slots_wait_for_one(monkeypatch, tmp_path):
+def test_more_runs_at_once_than_instance_slots_wait_for_one(tmp_path):
     """Past the pool's slots a run waits for one instead of failing to instantiate."""
     import threading
 
-    import wasmflow.engine.wasmtime_engine as wasmtime_engine
+    from wasmflow.engine.wasmtime_engine import SharedEngine
 
-    monkeypatch.setattr(wasmtime_engine, "POOL_INSTANCES", 2)
-    eng = WasmtimeEngine(Host.default(state_dir=tmp_path / "state"), tmp_path / "cache")
+    eng = WasmtimeEngine(Host.default(state_dir=tmp_path / "state"), tmp_path / "cache", SharedEngine.create(instances=2))
+    assert eng.pooled
     try:
         busy = write_wat(tmp_path / "busy.wasm", """(module (memory (export "memory") 1)
           (func (export "_start") (local i32) (local.set 0 (i32.const 30000000))

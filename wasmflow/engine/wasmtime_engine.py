@@ -44,11 +44,9 @@ from .outcome import CappedBuffer, classify_failure
 
 log = logging.getLogger("wasmflow.engine.wasmtime")
 EPOCH_MS = 10
-POOL_INSTANCES = 64  # runs at once in one engine (more wait for a slot): well above the default 4 workers
+POOL_INSTANCES = 64  # runs at once in the process (more wait for a slot): well above the default 4 workers
 MAX_MEMORY = 4 * 1024**3  # the largest limits.memory (the wasm32 address space)
 MAX_TABLE_ELEMENTS = 10_000_000  # the largest limits.table_elements (a single table may take it all)
-# address space the pool reserves: memory slots (4 GiB and guard pages each), table slots, instance records
-POOL_RESERVATION = POOL_INSTANCES * ((MAX_MEMORY + (128 << 20)) * 2 + 8 * MAX_TABLES * MAX_TABLE_ELEMENTS + (16 << 20))
 _current = threading.local()  # the RunContext of the run executing on this thread
 
 
@@ -182,10 +180,13 @@ class WasmtimeModule:
 class WasmtimeEngine:
     name = "wasmtime"
 
-    def __init__(self, host: Host, cache_dir: Path) -> None:
+    def __init__(self, host: Host, cache_dir: Path, shared: "SharedEngine | None" = None) -> None:
         self.host = host
-        self.engine, self.pooled = _new_engine()
-        self._slots = threading.BoundedSemaphore(POOL_INSTANCES) if self.pooled else None
+        # One wasmtime engine (its instance pool, its epoch ticker) serves every WasmtimeEngine of the
+        # process; each keeps its own linker, since the host functions belong to its host.
+        self.shared = shared or process_engine()
+        self.engine = self.shared.engine
+        self.pooled = self.shared.slots is not None
         self.version = _wasmtime_version()
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
         self.linker = wasmtime.Linker(self.engine)
@@ -199,17 +200,9 @@ class WasmtimeEngine:
         self._undefined = {(fn.module, fn.name): fn for fn in host.functions()}
         self._types: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}  # the linker copies them
         self._define_lock = threading.Lock()
-        self._stop = threading.Event()
-        # A bare thread: `threading.Thread.start` waits until the new thread runs, which under load
-        # cost a first run milliseconds; the ticker needs no join and dies with the process.
-        _thread.start_new_thread(self._tick, ())
-
-    def _tick(self) -> None:
-        while not self._stop.wait(EPOCH_MS / 1000.0):
-            self.engine.increment_epoch()
 
     def close(self) -> None:
-        self._stop.set()
+        """Nothing to release: the shared engine lives as long as the process (its ticker too)."""
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -287,11 +280,11 @@ class WasmtimeEngine:
             return result
         # A run holds one of the pool's instance slots until its store is closed (here, not whenever the
         # garbage collector gets to it): past POOL_INSTANCES at once, a run waits for a slot.
-        slots = self._slots
+        slots = self.shared.slots
         if slots is not None and not slots.acquire(timeout=max(0.0, ctx.deadline - time.monotonic())):
             result.status = Status.TIMEOUT
-            result.error = (f"deadline of {request.flow.limits.timeout:g}s passed while {POOL_INSTANCES} other runs "
-                            "held every instance slot")
+            result.error = (f"deadline of {request.flow.limits.timeout:g}s passed while {self.shared.instances} other "
+                            "runs held every instance slot")
             return result
         stdout, stderr = CappedBuffer(request.flow.limits.output), CappedBuffer(request.flow.limits.output)
         store = wasmtime.Store(self.engine)
@@ -397,6 +390,47 @@ class WasmtimeEngine:
             result.status, result.error = Status(ctx.halted[0]), ctx.halted[1]
 
 
+@dataclass
+class SharedEngine:
+    """A wasmtime engine with its pool's slot count and its epoch ticker, made once per process.
+
+    Why one per process: wasmtime's engines are meant to be shared, and each pool reserves about
+    300 GiB of address space; a process making an engine per runtime (a test suite, a server that
+    reloads its flows) ran towards the 128 TiB a process can map."""
+
+    engine: wasmtime.Engine
+    slots: "threading.BoundedSemaphore | None"  # None: the default allocator, no slots to count
+    instances: int
+
+    @classmethod
+    def create(cls, instances: int = POOL_INSTANCES) -> "SharedEngine":
+        engine, pooled = _new_engine(instances)
+        shared = cls(engine, threading.BoundedSemaphore(instances) if pooled else None, instances)
+        # A bare thread: `threading.Thread.start` waits until the new thread runs, which under load
+        # cost a first run milliseconds; the ticker needs no join and dies with the process.
+        _thread.start_new_thread(_tick, (engine,))
+        return shared
+
+
+def _tick(engine: wasmtime.Engine) -> None:
+    while True:
+        time.sleep(EPOCH_MS / 1000.0)
+        engine.increment_epoch()
+
+
+_process_engine: "SharedEngine | None" = None
+_process_engine_lock = threading.Lock()
+
+
+def process_engine() -> SharedEngine:
+    """The process's shared engine, made on first use."""
+    global _process_engine
+    with _process_engine_lock:
+        if _process_engine is None:
+            _process_engine = SharedEngine.create()
+        return _process_engine
+
+
 def _config() -> wasmtime.Config:
     config = wasmtime.Config()
     config.epoch_interruption = True
@@ -408,29 +442,28 @@ def _config() -> wasmtime.Config:
     return config
 
 
-def _new_engine() -> tuple[wasmtime.Engine, bool]:
+def _new_engine(instances: int = POOL_INSTANCES) -> tuple[wasmtime.Engine, bool]:
     """The engine, with wasmtime's pooling instance allocator where the process can reserve it.
 
     Why: with the default allocator every run maps a fresh linear memory and unmaps it at the end; a
     short run (hello) spent a fifth of its time there and in the page faults of new memory. The pool
-    reserves `POOL_INSTANCES` slots of address space once (each as large as a wasm32 memory, 4 GiB,
+    reserves `instances` slots of address space once (each as large as a wasm32 memory, 4 GiB,
     and tables as long as `limits.table_elements` allows) and reuses them: instantiation and teardown
-    become resetting a slot. The reservation is address space, not memory (a few hundred GiB of
-    PROT_NONE mappings, about 300 GiB an engine); where a `ulimit -v` leaves no room for it, the engine
-    uses the default allocator. The per-run caps are unchanged: they are the store's limits, not the pool's."""
+    become resetting a slot. The reservation is address space, not memory (PROT_NONE mappings, about
+    300 GiB an engine); where a `ulimit -v` leaves no room for it, the engine uses the default allocator. The per-run caps are unchanged: they are the store's limits, not the pool's."""
     config = _config()
-    if not _room_for_pool():
-        logging.getLogger("wasmflow.engine").warning(
+    if not _room_for_pool(instances):
+        log.warning(
             "the address-space limit (ulimit -v) leaves no room for wasmtime's pooling allocator (%d GiB of "
-            "reservations); runs allocate their memory one by one", POOL_RESERVATION >> 30)
+            "reservations); runs allocate their memory one by one", _reservation(instances) >> 30)
         return wasmtime.Engine(config), False
     pool = ffi.wasmtime_pooling_allocation_config_new()
     try:
-        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_INSTANCES)
-        ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, POOL_INSTANCES)
+        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, instances)
+        ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, instances)
         ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, MAX_MEMORY)
         ffi.wasmtime_pooling_allocation_config_max_tables_per_module_set(pool, MAX_TABLES)
-        ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, POOL_INSTANCES * MAX_TABLES)
+        ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, instances * MAX_TABLES)
         ffi.wasmtime_pooling_allocation_config_table_elements_set(pool, MAX_TABLE_ELEMENTS)
         # the instance record grows with a module's functions, globals and imports: room for big modules
         ffi.wasmtime_pooling_allocation_config_max_core_instance_size_set(pool, 16 << 20)
@@ -444,7 +477,13 @@ def _new_engine() -> tuple[wasmtime.Engine, bool]:
     return wasmtime.Engine(config), True
 
 
-def _room_for_pool() -> bool:
+def _reservation(instances: int) -> int:
+    """Address space a pool of `instances` slots may reserve, with room to spare (wasmtime reserved 258
+    GiB of memory slots for 64 here): memory slots and their guards (doubled), tables, instance records."""
+    return instances * ((MAX_MEMORY + (128 << 20)) * 2 + 8 * MAX_TABLES * MAX_TABLE_ELEMENTS + (16 << 20))
+
+
+def _room_for_pool(instances: int) -> bool:
     """Whether this process may reserve the pool: wasmtime's C API aborts the process (a panic, not
     an error) when the reservation fails, so the address-space limit is checked first."""
     if resource is None:  # pragma: no cover - not POSIX
@@ -456,7 +495,7 @@ def _room_for_pool() -> bool:
         mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         mapped = 8 << 30
-    return soft >= mapped + POOL_RESERVATION
+    return soft >= mapped + _reservation(instances)
 
 
 @functools.lru_cache(maxsize=512)
@@ -490,8 +529,8 @@ def _export_func(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes
 def _call_nullary(store: wasmtime.Store, func: wasmtime.Func) -> None:
     """`func(store)` for a `() -> ()` function such as `_start`, raising what `Func.__call__` raises.
 
-    `Func.__call__` asks the store for the function's type and builds Python lists of its parameter
-    and result types on every call, a tenth of a short run; `load` has checked `_start`'s type (and
+    `Func.__call__` asks the store for the function's type and builds wrappers and lists of its
+    parameter and result types on every call; `load` has checked `_start`'s type (and
     wasmtime_func_call checks it again)."""
     with _enter_wasm(store) as trap:
         error = ffi.wasmtime_func_call(store._context(), ctypes.byref(func._func), None, 0, None, 0, trap)
