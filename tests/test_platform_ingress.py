@@ -236,3 +236,20 @@ def test_extra_route_hooks_mount_the_openai_api_beside_ingress(tmp_path, make_ru
     assert {"/webhooks/github", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions"} <= paths
     platform.stop()
     runtime.close()
+
+
+def test_every_answered_delivery_leaves_the_claim_loop_free_to_run(server):
+    """The ingress marks each delivery it answers (platform/ack_first.py), errors included, so the claim
+    loop, which waits while a delivery is in progress, is never left waiting for one that ended."""
+    body = json.dumps({"zen": "hi"}).encode()
+    headers = {"X-GitHub-Event": "ping", "X-GitHub-Delivery": "x2", "Content-Type": "application/json"}
+    assert requests.post(f"{server.base}/webhooks/github", data=body, headers=headers).status_code == 401
+    assert requests.post(f"{server.base}/webhooks/github", data=b"[" * 100, headers={
+        **headers, "X-Hub-Signature-256": signed(b"[" * 100)}).status_code == 400
+    resp = deliver(server.base, "pull_request", {"action": "opened", "repository": {"full_name": "acme/app"}})
+    assert resp.status_code == 202
+    acks = server.platform.ack_first
+    wait_until(lambda: not acks.busy())
+    assert acks._answering == 0
+    event = resp.json()["event"]
+    assert wait_until(lambda: all(r.state == "done" for r in runs_for_event(server.platform.db, event)) or None)

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from wasmflow.storage.migrations import migrate
 from wasmflow.storage.schema import metadata
+from wasmflow.storage.sqlite_writes import take_write_turn
 
 from .spec import Call, Capability, Code, HostError, HostFunction, Setup, check_range, read_str, write_result
 
@@ -130,6 +131,7 @@ class KeyValueStore:
             # connection, without SQLAlchemy's per-execution bookkeeping (most of the call's cost).
             raw = self.db.raw_connection()
             try:
+                take_write_turn(raw)
                 cursor = raw.cursor()
                 try:
                     row = cursor.execute(_INCREMENT_SQL["sqlite"], params).fetchone()

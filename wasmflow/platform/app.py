@@ -27,6 +27,7 @@ from wasmflow.console.auth import ConsoleAuth
 from wasmflow.console.server import mount_console
 from wasmflow.console.services import ConsoleServices
 from wasmflow.console.setup import add_setup_routes
+from wasmflow.platform.ack_first import AckFirst
 from wasmflow.platform.github_manifest import Registrar
 from wasmflow.platform.ingress import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY, Ingress, error
 from wasmflow.platform.metrics import Metrics
@@ -98,9 +99,10 @@ class Platform:
             self.metrics.watch_models(runtime.host.capability("nn").registry.stats)
         self.queue = Queue(self.db, self.owner, lease_seconds=self.options.lease_seconds)
         self.dispatcher: Optional[Dispatcher] = None
+        self.ack_first = AckFirst()  # runs started here give way to the webhooks answered here
         if self.options.dispatch:
             self.dispatcher = Dispatcher(runtime, self.queue, self.metrics, concurrency=self.options.workers,
-                                         poll_interval=self.options.poll_interval)
+                                         poll_interval=self.options.poll_interval, yield_to=self.ack_first)
         wake = self.dispatcher.wake if self.dispatcher else None
         self.writer = BatchWriter(self.db, on_commit=wake)
         self.scheduler = Scheduler(self.db, runtime.flows, self.metrics, on_enqueue=wake)
@@ -196,7 +198,7 @@ class Platform:
         app = web.Application(client_max_size=self.options.max_body + 1, middlewares=[_json_errors])
         ingress = Ingress(self.runtime, self.writer, self.queue, self.metrics, self.run_pool, self.db_pool,
                           self.options.webhook_secret or webhook_secret(self.runtime), self.options.max_body,
-                          self.options.body_timeout)
+                          self.options.body_timeout, ack_first=self.ack_first)
         ingress.add_routes(app)
         for hook in extra_routes:
             hook(app, self.runtime)

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from wasmflow.engine.base import Status
 from wasmflow.host_functions.spec import CancelSignal, Event
+from wasmflow.platform.ack_first import AckFirst
 from wasmflow.platform.cancel import CancelWatcher, cancel_reason
 from wasmflow.platform.executor import execute, report
 from wasmflow.platform.matching import GithubEventInfo, match_github
@@ -131,8 +132,9 @@ class Ingress:
 
     def __init__(self, runtime: Runtime, writer: BatchWriter, queue: Queue, metrics: Metrics, run_pool: Executor,
                  db_pool: Executor, webhook_secret: Optional[str], max_body: int = DEFAULT_MAX_BODY,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, ack_first: Optional[AckFirst] = None) -> None:
         self.runtime = runtime
+        self.ack_first = ack_first  # tells this process's claim loop when deliveries are being answered
         self.writer = writer
         self.queue = queue
         self.metrics = metrics
@@ -182,6 +184,15 @@ class Ingress:
             return response
 
     async def github_webhook(self, request: web.Request) -> web.Response:
+        if self.ack_first is None:
+            return await self._github_webhook(request)
+        self.ack_first.arrived()
+        try:
+            return await self._github_webhook(request)
+        finally:
+            self.ack_first.answered()
+
+    async def _github_webhook(self, request: web.Request) -> web.Response:
         body = await self._read_body(request, "github")
         if isinstance(body, web.Response):
             return body

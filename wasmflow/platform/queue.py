@@ -14,6 +14,7 @@ the attempt is given back when a run is released unstarted or cut by a shutdown.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -281,7 +282,7 @@ class Queue:
         if not outcomes:
             return []
         now = self.clock()
-        r, a = runs_table, attempts_table
+        r = runs_table
         decided: list[Finish] = []
         run_params: list[dict[str, Any]] = []
         attempt_params: list[dict[str, Any]] = []
@@ -315,32 +316,39 @@ class Queue:
                         b_id=o.run.id, b_state=state, b_status=status.value, b_duration=duration_ms,
                         b_logs=encode_logs(o.result.logs), b_output=o.result.output,
                         b_stdout=o.result.stdout or None, b_stderr=o.result.stderr or None,
-                        b_error=error, b_available=now + delay, b_tokens=o.result.llm_tokens))
+                        b_error=error, b_available=now + delay, b_tokens=o.result.llm_tokens, b_now=now))
                 attempt_params.append(dict(
                     b_run=o.run.id, b_attempt=o.run.attempt, b_status=status.value if mine else f"{status} (lease lost)",
-                    b_error=error, b_duration=duration_ms))
+                    b_error=error, b_duration=duration_ms, b_now=now))
                 decided.append(Finish(state=state, delay=delay) if mine else Finish(state="lost"))
+            finish_run, finish_attempt = self._finish_statements
             if run_params:
-                conn.execute(
-                    r.update()
-                    .where(r.c.id == sa.bindparam("b_id"), r.c.lease_owner == self.owner, r.c.state == RUNNING)
-                    .values(state=sa.bindparam("b_state"), status=sa.bindparam("b_status"), finished_at=now,
-                            duration_ms=sa.bindparam("b_duration"), logs=sa.bindparam("b_logs"),
-                            output=sa.bindparam("b_output"), stdout=sa.bindparam("b_stdout"),
-                            stderr=sa.bindparam("b_stderr"), error=sa.bindparam("b_error"), lease_owner=None,
-                            lease_expires_at=None, available_at=sa.bindparam("b_available"),
-                            llm_tokens=r.c.llm_tokens + sa.bindparam("b_tokens")),
-                    run_params)
-            conn.execute(
-                a.update()
-                .where(a.c.run_id == sa.bindparam("b_run"), a.c.attempt == sa.bindparam("b_attempt"),
-                       a.c.worker == self.owner,
-                       # a release gives the attempt number back: its row is not this attempt's
-                       a.c.status.is_distinct_from("released"))
-                .values(finished_at=now, status=sa.bindparam("b_status"), error=sa.bindparam("b_error"),
-                        duration_ms=sa.bindparam("b_duration")),
-                attempt_params)
+                conn.execute(finish_run, run_params)
+            conn.execute(finish_attempt, attempt_params)
         return decided
+
+    @functools.cached_property
+    def _finish_statements(self) -> tuple[sa.Update, sa.Update]:
+        """finish_many's two UPDATEs, built once: building them cost the finishing thread more than
+        running them (a fifth of the interpreter's time in `up` under a burst, py-spy)."""
+        r, a = runs_table, attempts_table
+        now = sa.bindparam("b_now")
+        run = (r.update()
+               .where(r.c.id == sa.bindparam("b_id"), r.c.lease_owner == self.owner, r.c.state == RUNNING)
+               .values(state=sa.bindparam("b_state"), status=sa.bindparam("b_status"), finished_at=now,
+                       duration_ms=sa.bindparam("b_duration"), logs=sa.bindparam("b_logs"),
+                       output=sa.bindparam("b_output"), stdout=sa.bindparam("b_stdout"),
+                       stderr=sa.bindparam("b_stderr"), error=sa.bindparam("b_error"), lease_owner=None,
+                       lease_expires_at=None, available_at=sa.bindparam("b_available"),
+                       llm_tokens=r.c.llm_tokens + sa.bindparam("b_tokens")))
+        attempt = (a.update()
+                   .where(a.c.run_id == sa.bindparam("b_run"), a.c.attempt == sa.bindparam("b_attempt"),
+                          a.c.worker == self.owner,
+                          # a release gives the attempt number back: its row is not this attempt's
+                          a.c.status.is_distinct_from("released"))
+                   .values(finished_at=sa.bindparam("b_now"), status=sa.bindparam("b_status"),
+                           error=sa.bindparam("b_error"), duration_ms=sa.bindparam("b_duration")))
+        return run, attempt
 
     def release(self, run_ids: list[str]) -> int:
         """Give runs back unfinished (graceful shutdown): queued again at their place, the attempt not counted.

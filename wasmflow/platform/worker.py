@@ -34,6 +34,7 @@ import sqlalchemy as sa
 
 from wasmflow.engine.base import Status
 from wasmflow.host_functions.spec import CancelSignal
+from wasmflow.platform.ack_first import AckFirst
 from wasmflow.platform.cancel import CancelWatcher, cancel_reason
 from wasmflow.platform.executor import Runner, execute, report
 from wasmflow.platform.metrics import Metrics
@@ -50,8 +51,9 @@ def worker_name() -> str:
 
 class Dispatcher:
     def __init__(self, runtime: Runner, queue: Queue, metrics: Optional[Metrics] = None, concurrency: int = 4,
-                 poll_interval: float = 0.5, claim_batch: int = 32) -> None:
+                 poll_interval: float = 0.5, claim_batch: int = 32, yield_to: Optional[AckFirst] = None) -> None:
         self.runtime = runtime
+        self.yield_to = yield_to  # claims wait while this process is acknowledging webhooks (ack_first.py)
         self.queue = queue
         self.metrics = metrics or Metrics()
         self.concurrency = max(1, concurrency)
@@ -203,6 +205,8 @@ class Dispatcher:
             if self._stopping.is_set():
                 return
             self._wake.clear()
+            if self.yield_to is not None:
+                self.yield_to.wait(self._stopping)
             try:
                 self._admit()
                 runs = self.queue.claim(min(free, self.claim_batch))
@@ -326,6 +330,8 @@ class Dispatcher:
                     self._results.put(None)  # seen after this batch
                     break
                 batch.append(more)
+            if self.yield_to is not None:  # results can wait a little; a webhook sender cannot
+                self.yield_to.wait(self._stopping)
             self._store(batch)
 
     def _store(self, batch: list[Outcome]) -> None:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
 from .migrations import migrate
+from .sqlite_writes import WriteTurnConnection, install as serialize_writes
 
 
 def default_url(state_dir: Path) -> str:
@@ -37,8 +38,10 @@ def open_database(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         # Every worker thread, the ingress writer and the kv capability may each hold a connection.
         pool = {} if url in ("sqlite://", "sqlite:///:memory:") else {"pool_size": 20, "max_overflow": 40}
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30,
+                                                    "factory": WriteTurnConnection}, **pool)
         sa_event.listen(engine, "connect", _sqlite_pragmas)
+        serialize_writes(engine)  # the process's writers take turns (sqlite_writes.py)
     else:
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     migrate(engine)
