@@ -19,9 +19,13 @@ WAIT = 15
 
 
 def _wait(driver, condition, timeout: float = WAIT):  # type: ignore[no-untyped-def]
+    """Wait for `condition`; an element the page replaced while it was read (the live run view
+    re-renders as the run changes) is looked up again at the next poll, not a failure."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition)
 
 
 def _css(driver, selector: str):  # type: ignore[no-untyped-def]
