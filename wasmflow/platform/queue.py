@@ -127,7 +127,34 @@ class Queue:
         with self.db.begin() as conn:
             return admit(conn, self.governed, self.clock())
 
-    def _picked(self, *where: sa.ColumnElement[bool], order: sa.ColumnElement, limit: int) -> sa.ColumnElement[bool]:
+    _claimed_columns = (runs_table.c.id, runs_table.c.event_id, runs_table.c.flow, runs_table.c.attempt,
+                        runs_table.c.max_attempts, runs_table.c.trigger, runs_table.c.idempotency_key,
+                        runs_table.c.executions, runs_table.c.available_at)
+
+    def _claim_statement(self) -> sa.Update:
+        """`claim`'s UPDATE of due runs, built once per set of governed flows (its bind parameters:
+        c_now, c_limit, c_expires). Building it on every claim cost the claim loop more than running
+        it (py-spy, `up` under a burst)."""
+        cached = self.__dict__.get("_claim_cache")
+        if cached is not None and cached[0] is self.governed:
+            return cached[1]
+        r = runs_table
+        now = sa.bindparam("c_now")
+        where: list[sa.ColumnElement[bool]] = [r.c.state == QUEUED, r.c.available_at <= now]
+        limited = [name for name, p in self.governed.items() if p.limit is not None]
+        if self.governed:  # not admitted yet, or under a per-key limit (claimed by `claim_limited`): not here
+            where.append(sa.or_(r.c.flow.not_in(list(self.governed)),
+                                sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(limited or [""]))))
+        picked = self._picked(*where, order=r.c.available_at, limit=sa.bindparam("c_limit", type_=sa.Integer))
+        statement = (r.update().where(picked, r.c.state == QUEUED)
+                     .values(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
+                             lease_owner=self.owner, lease_expires_at=sa.bindparam("c_expires"), started_at=now,
+                             finished_at=None)
+                     .returning(*self._claimed_columns))
+        self.__dict__["_claim_cache"] = (self.governed, statement)
+        return statement
+
+    def _picked(self, *where: sa.ColumnElement[bool], order: sa.ColumnElement, limit: Any) -> sa.ColumnElement[bool]:
         """A condition selecting at most `limit` runs matching `where`, oldest first, for one UPDATE.
 
         On PostgreSQL the ids come from a CTE with `FOR UPDATE SKIP LOCKED`: a CTE is evaluated once,
@@ -156,16 +183,7 @@ class Queue:
             return []
         now = self.clock()
         r = runs_table
-        where: list[sa.ColumnElement[bool]] = [r.c.state == QUEUED, r.c.available_at <= now]
         limited = [name for name, p in self.governed.items() if p.limit is not None]
-        if self.governed:  # not admitted yet, or under a per-key limit (claimed by `claim_limited`): not here
-            where.append(sa.or_(r.c.flow.not_in(list(self.governed)),
-                                sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(limited or [""]))))
-        lease = dict(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
-                     lease_owner=self.owner, lease_expires_at=now + self.lease_seconds, started_at=now,
-                     finished_at=None)
-        returned = (r.c.id, r.c.event_id, r.c.flow, r.c.attempt, r.c.max_attempts, r.c.trigger,
-                    r.c.idempotency_key, r.c.executions, r.c.available_at)
         with self.db.begin() as conn:
             self._relaxed_commit(conn)
             rows = []
@@ -178,13 +196,14 @@ class Queue:
                     # have ended before this one started, in the intervals the store keeps.
                     rows += conn.execute(
                         r.update().where(r.c.id.in_(ids), r.c.state == QUEUED)
-                        .values(**{**lease, "started_at": max(now, self.clock())}).returning(*returned)
+                        .values(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
+                                lease_owner=self.owner, lease_expires_at=now + self.lease_seconds,
+                                started_at=max(now, self.clock()), finished_at=None)
+                        .returning(*self._claimed_columns)
                     ).all()
             if len(rows) < limit:
-                picked = self._picked(*where, order=r.c.available_at, limit=limit - len(rows))
-                rows += conn.execute(
-                    r.update().where(picked, r.c.state == QUEUED).values(**lease).returning(*returned)
-                ).all()
+                rows += conn.execute(self._claim_statement(), {
+                    "c_now": now, "c_limit": limit - len(rows), "c_expires": now + self.lease_seconds}).all()
             # RETURNING follows no ORDER BY: hand the runs out in their queue order.
             rows.sort(key=lambda row: row.available_at)
             if not rows:
