@@ -28,6 +28,13 @@ def _wait(driver, condition, timeout: float = WAIT):  # type: ignore[no-untyped-
                          ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(condition)
 
 
+def _text(driver, selector: str) -> str:  # type: ignore[no-untyped-def]
+    """The rendered text of `selector` ("" if absent), read in one script call: the live page replaces
+    elements as the run changes, so an element handle found a moment ago may be gone when read."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+                                 selector).strip()
+
+
 def _css(driver, selector: str):  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
 
@@ -105,8 +112,8 @@ def test_cancel_a_queued_run_from_its_page(browser, console_server):
     _wait(browser.driver, lambda d: d.current_url.endswith(f"/runs/{queued}"))
     assert _css(browser.driver, "#run-state").text == "queued"
     _css(browser.driver, "#cancel").click()
-    _wait(browser.driver, lambda d: "cancelled" in _css(d, "#notice").text)
-    _wait(browser.driver, lambda d: "cancelled" in _css(d, "main").text and _css(d, "#run-state").text == "done")
+    _wait(browser.driver, lambda d: "cancelled" in _text(d, "#notice"))
+    _wait(browser.driver, lambda d: "cancelled" in _text(d, "main") and _text(d, "#run-state") == "done")
     assert _state(base, queued)["cancelled_by"] == "console"
     browser.shot("cancelled")
     for run_id in spin:  # free the run slot so the server stops at once
