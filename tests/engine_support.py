@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from optional_support import absent, missing
 from wasmflow.engine import ENGINES, wasmedge_capi
 
 WASMEDGE_SKIP = "libwasmedge not found (set WASMFLOW_WASMEDGE_LIB)"
@@ -21,9 +22,12 @@ def wasmedge_problem() -> str | None:
 def skip_without(name: str) -> None:
     if name == "wasmedge":
         problem = wasmedge_problem()
-        if problem is not None:
-            # Absent: the fixed reason CI looks for. Present but unusable (a wrong version): say why.
-            pytest.skip(WASMEDGE_SKIP if "not found" in problem or "names no" in problem else problem)
+        if problem is None:
+            return
+        if "not found" in problem or "names no" in problem:
+            absent(WASMEDGE_SKIP)  # absent: the fixed reason CI looks for
+        # present but unusable (a wrong version, a broken build): say why; under CI a failure
+        missing(f"libwasmedge is present but cannot be used: {problem}")
 
 
 @pytest.fixture(params=list(ENGINES))

@@ -22,6 +22,12 @@ def missing(reason: str) -> None:
     pytest.skip(reason, allow_module_level=True)
 
 
+def absent(reason: str) -> None:
+    """Skip with `reason`, which names hardware or a library that CI does not have either (a GPU,
+    libwasmedge): the one kind of skip that stays a skip under CI."""
+    pytest.skip(reason, allow_module_level=True)
+
+
 def need_module(name: str, component: str) -> ModuleType:
     """`import name`, or a skip/failure naming the component that provides it."""
     try:

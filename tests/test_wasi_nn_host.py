@@ -22,7 +22,7 @@ from wasmflow.wasi_nn import Encoding, ModelRegistry, NNError, Target, WasiNNCap
 from wasmflow.wasi_nn.abi import tensor_type_word
 from wasmflow.wasi_nn.registry import preloads_from_env
 from wasmflow.wasi_nn.testmodels import write_tiny_llama, write_tiny_onnx
-from optional_support import need_llama_cpp
+from optional_support import absent, need_llama_cpp
 
 need_llama_cpp()
 
@@ -512,7 +512,7 @@ def test_gpu_offload_gives_the_same_greedy_text(tiny_models: dict[str, Path]) ->
     from wasmflow.wasi_nn.ggml_backend import gpu_offload_supported
 
     if not gpu_offload_supported():
-        pytest.skip("needs a GPU and llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
+        absent("needs a GPU and llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
     reg = ModelRegistry([parse_preload(f"default:GGML:GPU:{tiny_models['gguf']}")])
     c = WasiNNCapability(reg)
     g = Guest(c, new_run(models=["default"]))
@@ -530,7 +530,7 @@ def test_onnx_uses_cuda_when_onnxruntime_has_it(tiny_models: dict[str, Path]) ->
 
     assert providers("cpu") == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("needs a GPU and onnxruntime-gpu (CUDAExecutionProvider)")
+        absent("needs a GPU and onnxruntime-gpu (CUDAExecutionProvider)")
     model = OnnxModel("t", str(tiny_models["onnx"]), "gpu")
     assert model.session().get_providers()[0] == "CUDAExecutionProvider"
 
