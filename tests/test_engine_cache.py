@@ -104,14 +104,6 @@ def test_module_without_start_is_refused(engine, tmp_path):
         engine.load(path, "lib")
 
 
-@pytest.mark.parametrize("start", ['(func (export "_start") (param i32))',
-                                   '(func (export "_start") (result i32) i32.const 0)'])
-def test_a_start_that_takes_or_returns_values_is_refused_at_load(engine, tmp_path, start):
-    path = write_wat(tmp_path / "start.wasm", f'(module (memory (export "memory") 1) {start})')
-    with pytest.raises(ModuleError, match="not as a function without parameters and results"):
-        engine.load(path, "odd")
-
-
 # -- the pooling allocator: instance slots are reused, never shared ------------------------------
 
 WRITER_WAT = """(module

@@ -413,3 +413,12 @@ def test_wasmedge_version_range(version, ok):
     else:
         with pytest.raises(wasmedge_capi.WasmEdgeUnavailable, match=r"supports? WasmEdge 0\.14 to 0\.17"):
             wasmedge_capi.check_version(FakeLib())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("start", ['(func (export "_start") (param i32))',
+                                   '(func (export "_start") (result i32) i32.const 0)'])
+def test_a_start_that_takes_or_returns_values_is_refused_at_load(engine, tmp_path, start):
+    """Both engines refuse it at load (wasmtime calls _start without looking its type up again)."""
+    path = write_wat(tmp_path / "start.wasm", f'(module (memory (export "memory") 1) {start})')
+    with pytest.raises(ModuleError, match="not as a function without parameters and results"):
+        engine.load(path, "odd")

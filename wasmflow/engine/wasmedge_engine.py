@@ -613,7 +613,7 @@ class WasmEdgeEngine:
             raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
         if self._signature(lib.WasmEdge_ExportTypeGetFunctionType(ast, start)) != ((), ()):
             raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
-                              "and results (a WASI command's entry point)")
+                              "and results (a WASI command's entry point): build it as a WASI command, a bin crate")
 
     # -- running -------------------------------------------------------------------------------
 

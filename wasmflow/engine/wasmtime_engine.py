@@ -186,7 +186,6 @@ class WasmtimeEngine:
         # process; each keeps its own linker, since the host functions belong to its host.
         self.shared = shared or process_engine()
         self.engine = self.shared.engine
-        self.pooled = self.shared.slots is not None
         self.version = _wasmtime_version()
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
         self.linker = wasmtime.Linker(self.engine)
@@ -200,6 +199,11 @@ class WasmtimeEngine:
         self._undefined = {(fn.module, fn.name): fn for fn in host.functions()}
         self._types: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}  # the linker copies them
         self._define_lock = threading.Lock()
+
+    @property
+    def pooled(self) -> bool:
+        """Whether runs take slots of wasmtime's pooling allocator (False: the default allocator)."""
+        return self.shared.slots is not None
 
     def close(self) -> None:
         """Nothing to release: the shared engine lives as long as the process (its ticker too)."""
@@ -241,7 +245,7 @@ class WasmtimeEngine:
             raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
         if not isinstance(start, wasmtime.FuncType) or start.params or start.results:
             raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
-                              "and results (a WASI command's entry point)")
+                              "and results (a WASI command's entry point): build it as a WASI command, a bin crate")
         return WasmtimeModule(flow_name, path, module, pre, from_cache, shape)
 
     def _define_imports(self, module: wasmtime.Module) -> None:
@@ -284,7 +288,8 @@ class WasmtimeEngine:
         if slots is not None and not slots.acquire(timeout=max(0.0, ctx.deadline - time.monotonic())):
             result.status = Status.TIMEOUT
             result.error = (f"deadline of {request.flow.limits.timeout:g}s passed while {self.shared.instances} other "
-                            "runs held every instance slot")
+                            "runs held every instance slot of this process; run fewer at once (workers) or raise "
+                            "limits.timeout")
             return result
         stdout, stderr = CappedBuffer(request.flow.limits.output), CappedBuffer(request.flow.limits.output)
         store = wasmtime.Store(self.engine)
@@ -455,7 +460,8 @@ def _new_engine(instances: int = POOL_INSTANCES) -> tuple[wasmtime.Engine, bool]
     if not _room_for_pool(instances):
         log.warning(
             "the address-space limit (ulimit -v) leaves no room for wasmtime's pooling allocator (%d GiB of "
-            "reservations); runs allocate their memory one by one", _reservation(instances) >> 30)
+            "reservations); runs allocate their memory one by one, which is slower: raise the limit to use it",
+            _reservation(instances) >> 30)
         return wasmtime.Engine(config), False
     pool = ffi.wasmtime_pooling_allocation_config_new()
     try:

@@ -26,7 +26,6 @@ class AckFirst:
         self.longest = longest
         self._answering = 0
         self._last = 0.0
-        self.waited = 0.0  # seconds claims waited, for tests and metrics
 
     def arrived(self) -> None:
         self._answering += 1
@@ -42,11 +41,9 @@ class AckFirst:
         """Return once no delivery is in progress (or `longest` has passed, or `stopping` is set)."""
         if not self.busy():
             return
-        start = time.monotonic()
-        end = start + self.longest
+        end = time.monotonic() + self.longest
         while self.busy() and not stopping.is_set():
             left = end - time.monotonic()
             if left <= 0:
                 break
             stopping.wait(min(0.001, left))
-        self.waited += time.monotonic() - start
