@@ -339,7 +339,7 @@ class WasmtimeEngine:
             if ctx.cancel is None:
                 store.set_epoch_deadline(max(1, math.ceil(limits.timeout * 1000 / EPOCH_MS)))
             else:  # cancellable: look at the cancel signal (and the deadline) on every epoch tick
-                _set_epoch_callback(ctypes.cast(store.ptr(), ctypes.c_void_p), _on_epoch, None, _no_finalizer)
+                _set_epoch_callback(store.ptr(), _on_epoch, None, _no_finalizer)
                 store.set_epoch_deadline(1)
             self._execute(module, store, ctx, result)
         finally:
@@ -556,7 +556,9 @@ _set_epoch_callback = ffi.dll["wasmtime_store_epoch_deadline_callback"]
 _set_epoch_callback.restype = None
 _EPOCH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
                                    ctypes.POINTER(ctypes.c_uint8))
-_set_epoch_callback.argtypes = [ctypes.c_void_p, _EPOCH_CALLBACK, ctypes.c_void_p, type(_no_finalizer)]
+# The store as its own pointer type: ctypes.cast would tie the pointer to itself (a reference cycle per run).
+_set_epoch_callback.argtypes = [ctypes.POINTER(ffi.wasmtime_store_t), _EPOCH_CALLBACK, ctypes.c_void_p,
+                                type(_no_finalizer)]
 
 
 @_EPOCH_CALLBACK

@@ -21,7 +21,7 @@ class AckFirst:
     (`wait`). Counters only: the interpreter lock makes the reads and writes of one int safe enough for
     a scheduling hint."""
 
-    def __init__(self, quiet: float = 0.002, longest: float = 0.05) -> None:
+    def __init__(self, quiet: float = 0.002, longest: float = 0.2) -> None:
         self.quiet = quiet
         self.longest = longest
         self._answering = 0

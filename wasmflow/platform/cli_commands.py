@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wasmflow.cli_support import STATUS_STYLE, flows_path_option, load_runtime, resolve_flows_path
+from wasmflow.process import freeze_loaded_heap
 from wasmflow.terminal import GuestSafeFormatter, clean, guest_text
 
 # Tables are read in terminals and in CI logs alike: outside a terminal, do not squeeze them into 80 columns.
@@ -134,6 +135,7 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         runtime.close()
         sys.exit(2)
+    freeze_loaded_heap()
     try:
         asyncio.run(serve_until_stopped(stopping, platform, host, port, extra_routes=default_route_hooks(),
                                         ready=lambda bound: _print_console_link(platform, host, bound)))
@@ -181,9 +183,12 @@ def _print_console_link(platform, host: str, port: int) -> None:  # type: ignore
 @click.option("--metrics-port", type=int, default=None,
               help="serve /metrics and /healthz on this port (127.0.0.1 unless --metrics-host)")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--nice", type=click.IntRange(0, 19), default=10, show_default=True,
+              help="lower this process's CPU priority by this much (0: leave it), so that on a machine it "
+                   "shares with `wasmflow up` the webhooks are answered first")
 def worker_command(workers: int, lease: float, grace: float, engine: Optional[str], log_level: str,
                    database_url: Optional[str], flows_path: Optional[Path], no_scheduler: bool,
-                   metrics_port: Optional[int], metrics_host: str) -> None:
+                   metrics_port: Optional[int], metrics_host: str, nice: int = 10) -> None:
     """Execute queued runs (and run the scheduler if elected) from a shared PostgreSQL store."""
     from wasmflow.platform.app import Platform, PlatformError
     from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform
@@ -191,6 +196,10 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
     _setup_logging(log_level)
     if workers == 0:
         raise click.UsageError("a worker needs at least one run slot (--workers 1 or more)")
+    if nice:
+        # A webhook sender has a deadline and a queued run does not: beside `wasmflow up` on one machine,
+        # runs take the CPU the acknowledgements leave (docs/control-plane.md). Alone, nothing changes.
+        os.nice(nice)
     stopping = StopSignal().install()  # before anything is loaded or claimed
     runtime = load_runtime(flows_path, engine, database_url)
     if runtime.db.dialect.name != "postgresql":
@@ -209,6 +218,7 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
     logging.getLogger("wasmflow.worker").info("worker %s started (%d run slots)", platform.owner, workers)
+    freeze_loaded_heap()
     if metrics_port is not None:
         from wasmflow.platform.app import ops_app
 
