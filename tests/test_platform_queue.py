@@ -240,8 +240,7 @@ def test_batched_recording_stores_each_dedupe_key_once(db):
 
     with db.begin() as conn:
         record_event(conn, ev("old"))
-    with db.begin() as conn:
-        results = record_events(conn, [ev("a"), ev("old"), ev("a"), ev("b")])
+    results = record_events(db, [ev("a"), ev("old"), ev("a"), ev("b")])
     assert [r.duplicate for r in results] == [False, True, True, False]
     assert results[2].event_id == results[0].event_id
     assert scalar(db, "SELECT count(*) FROM events") == 3

@@ -17,12 +17,13 @@ import sqlalchemy as sa
 log = logging.getLogger("wasmflow.notify")
 
 CHANNEL = "wasmflow_runs"
+NOTIFY_NEW_RUNS = f"NOTIFY {CHANNEL}"
 
 
 def notify_new_runs(conn: sa.Connection) -> None:
     """Inside the transaction that stored runnable runs: tell the listening workers (PostgreSQL only)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.text(f"NOTIFY {CHANNEL}"))
+        conn.execute(sa.text(NOTIFY_NEW_RUNS))
 
 
 class Listener:
