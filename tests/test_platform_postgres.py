@@ -141,3 +141,26 @@ def test_a_worker_hears_of_new_runs_through_notify_not_its_poll(tmp_path, pg_url
         dispatcher.stop(grace=5)
         other_process.dispose()
         runtime.close()
+
+
+def test_a_pooled_connection_cut_while_it_rested_is_replaced_at_checkout(pg_url: str, monkeypatch) -> None:
+    """The pool checks a connection only after it rested (storage/engine.py: no round trip before every
+    transaction); one the server cut meanwhile is replaced, and the caller never sees the cut."""
+    from wasmflow.storage import engine as storage_engine
+
+    db = open_database(pg_url)
+    try:
+        with db.connect() as conn:
+            cut = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        with db.connect() as conn:  # used a moment ago: not pinged, the same connection
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() == cut
+        admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        with admin.begin() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": cut}).scalar()
+        admin.dispose()
+        monkeypatch.setattr(storage_engine, "PING_AFTER_IDLE", 0.0)  # as if it had rested for long
+        with db.connect() as conn:
+            fresh = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        assert fresh != cut
+    finally:
+        db.dispose()

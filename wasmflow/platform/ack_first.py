@@ -17,15 +17,18 @@ import time
 
 
 class AckFirst:
-    """Shared by the ingress (`arrived`, `answered`, on the event loop) and the dispatcher's claim loop
-    (`wait`). Counters only: the interpreter lock makes the reads and writes of one int safe enough for
-    a scheduling hint."""
+    """Shared by the ingress (`arrived`, `answered`, on the event loop) and the dispatcher's claim and
+    finish loops (`wait`). The counters are plain ints (the interpreter lock makes one int's reads and
+    writes safe enough for a scheduling hint); a waiter sleeps on an Event the last answer sets, not in
+    a polling loop: a thread that wakes every millisecond takes the interpreter from the handlers each
+    time."""
 
     def __init__(self, quiet: float = 0.002, longest: float = 0.2) -> None:
         self.quiet = quiet
         self.longest = longest
         self._answering = 0
         self._last = 0.0
+        self._calm = threading.Event()  # set when the last delivery in progress was answered
 
     def arrived(self) -> None:
         self._answering += 1
@@ -33,17 +36,25 @@ class AckFirst:
 
     def answered(self) -> None:
         self._answering -= 1
+        if self._answering <= 0:
+            self._calm.set()
 
     def busy(self) -> bool:
         return self._answering > 0 or time.monotonic() - self._last < self.quiet
 
     def wait(self, stopping: threading.Event) -> None:
-        """Return once no delivery is in progress (or `longest` has passed, or `stopping` is set)."""
-        if not self.busy():
-            return
+        """Return once no delivery is in progress and none arrived within `quiet` (or `longest` has
+        passed, or `stopping` was set before or between two waits)."""
         end = time.monotonic() + self.longest
-        while self.busy() and not stopping.is_set():
+        while not stopping.is_set():
             left = end - time.monotonic()
             if left <= 0:
-                break
-            stopping.wait(min(0.001, left))
+                return
+            self._calm.clear()  # before the check: an answer after it sets the event again
+            if self._answering > 0:
+                self._calm.wait(left)
+                continue
+            quiet_left = self.quiet - (time.monotonic() - self._last)
+            if quiet_left <= 0:
+                return
+            stopping.wait(min(quiet_left, left))

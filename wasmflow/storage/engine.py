@@ -5,6 +5,7 @@ several workers share one store. Shared by the store, the queue and the key-valu
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -43,6 +44,34 @@ def open_database(url: str) -> sa.Engine:
         sa_event.listen(engine, "connect", _sqlite_pragmas)
         serialize_writes(engine)  # the process's writers take turns (sqlite_writes.py)
     else:
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        engine = sa.create_engine(url, pool_size=10, max_overflow=20)
+        _ping_when_idle(engine)
     migrate(engine)
     return engine
+
+
+PING_AFTER_IDLE = 5.0  # seconds a pooled PostgreSQL connection may rest before it is checked at checkout
+
+
+def _ping_when_idle(engine: sa.Engine) -> None:
+    """Check a pooled connection at checkout only when it rested `PING_AFTER_IDLE` seconds or more.
+
+    SQLAlchemy's `pool_pre_ping` pings at every checkout: a round trip before each transaction, the
+    most frequent statement a busy worker sent (about two per run of the hello flow). A connection in
+    steady use is known alive by its last statement; one that rested may have been cut (a database
+    restart, an idle timeout), and a failed ping has the pool connect afresh (`DisconnectionError`).
+    """
+
+    @sa_event.listens_for(engine, "checkin")
+    def _rested(_dbapi_conn, record) -> None:  # type: ignore[no-untyped-def]
+        record.info["checked_in"] = time.monotonic()
+
+    @sa_event.listens_for(engine, "checkout")
+    def _check(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        since = record.info.get("checked_in")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the driver's error, whichever: this connection is gone
+            raise sa.exc.DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
