@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from hostile_support import PeakRss
 from wasmflow.flows import FlowsError, load_flows
 from wasmflow.flows.cli_commands import validate_command
-from wasmflow.flows.model import GITHUB_PERMISSIONS, Flow
+from wasmflow.flows.model import Flow
+from wasmflow.host_functions.github import GITHUB_PERMISSIONS
 
 BASE = "flows:\n  - name: hello\n    module: hello.wasm\n"  # what follows is on line 4
 F = "flows[hello]"

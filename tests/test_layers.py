@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "wasmflow"
 # From the ground floor up. Parts on one floor do not import each other either: a part imports only
 # floors below its own, so no two parts can import each other (no circle).
 FLOORS: list[set[str]] = [
-    {"storage", "build", "terminal", "process", "loopback", "__init__"},
+    {"storage", "fields", "build", "terminal", "process", "loopback", "__init__"},
     {"host_functions"},
     {"flows", "engine"},
     {"wasi_nn"},

@@ -1,7 +1,9 @@
 """flows.yaml: the schema (`model`), the line-aware loader (`loader`) and the `validate` command."""
 
+from wasmflow.fields import parse_duration, parse_size
+
 from .loader import FlowsError, LoadedFlows, load_flows
-from .model import Allow, Flow, FlowsFile, Limits, ModelSpec, Retry, Trigger, parse_duration, parse_size
+from .model import Allow, Flow, FlowsFile, Limits, ModelSpec, Retry, Trigger
 
 __all__ = [
     "Allow",

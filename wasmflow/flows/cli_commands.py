@@ -16,10 +16,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from wasmflow.fields import format_duration, format_size
 from wasmflow.terminal import clean
 
 from .loader import FlowsError, LoadedFlows, load_flows
-from .model import Flow, Limits, Trigger, format_duration, format_size
+from .model import Flow, Limits, Trigger
 
 _DEFAULT_METHODS = ["GET", "POST"]
 

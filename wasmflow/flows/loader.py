@@ -21,7 +21,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .model import FieldError, FlowsFile, Trigger, abbreviate
+from wasmflow.fields import FieldError, abbreviate
+
+from .model import FlowsFile, Trigger
 
 Path_ = tuple[Union[str, int], ...]
 

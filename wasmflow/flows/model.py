@@ -3,177 +3,43 @@
 Deny by default, like Spin's manifest: a flow gets no HTTP host, model, key-value store, directory or
 secret it does not list under `allow:` / `secrets:`. Every model forbids unknown keys, so a typo is an
 error instead of a silently ignored setting.
+
+A capability owns its section: `allow.kv` (host_functions/kv.py), `allow.http` (http_allow.py),
+`allow.github`/`allow.github_repos` and the file's `github:` (github.py), a flow's `llm:` (llm.py); this
+module assembles them (`Allow` is made of the capabilities' parts) with what belongs to the flow itself
+(triggers, limits, retry, concurrency) and to WASI-NN, which sits above this layer (`models:`,
+`allow.models`, `allow.nn`). The field types they share are in wasmflow/fields.py.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
-import math
 import re
 from datetime import datetime
-from typing import Annotated, Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 from zoneinfo import ZoneInfo
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
-# Outer bounds of any duration or size in the file, whatever the field: past them timers and the
-# database overflow. Each field narrows them to what makes sense for it (see the *_in types below).
-MAX_DURATION = 366 * 86400.0
-MAX_SIZE = 1024**4
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from wasmflow.fields import (FieldError, Option, Section, Size, abbreviate, check_options, duration_in,
+                             format_duration, int_in, size_in)
+# The capabilities' sections; `GithubApp` keeps its name here, where the file's `github:` is read.
+from wasmflow.host_functions.github import GithubAllow, GithubAppSettings as GithubApp
+from wasmflow.host_functions.http_allow import HttpAllow
+from wasmflow.host_functions.kv import KvAllow
+from wasmflow.host_functions.llm import LlmEndpoint, LlmSettings  # noqa: F401  (LlmEndpoint: for importers)
+
+Strict = Section  # the sections of this module, as strict as the capabilities' own
+
 MAX_CATCH_UP = 31 * 86400.0  # a schedule may make up for an outage of at most a month
 MAX_CRON_CHARS = 200
 
 
-def abbreviate(value: Any, limit: int = 40) -> str:
-    """A value for an error message, cut short: hostile input must not be echoed back whole."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...'"
-
-
-def format_duration(seconds: float) -> str:
-    """`30s`, `5m`, `250ms`, `1d`: a duration as flows.yaml would write it."""
-    if seconds == 0:
-        return "0s"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
-
-
-def format_size(size: int) -> str:
-    """`64KiB`, `4GiB`, `1048577B`: a size as flows.yaml would write it."""
-    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B"
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from `300`, `300s`, `1.5m`, `250ms`, `2h`, `1d`: finite, not negative, at most 366d."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 5m or 250ms")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration like 30s, 5m or 250ms, got {abbreviate(value)}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"expected a finite duration like 30s, got {abbreviate(value)}")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    if seconds > MAX_DURATION:
-        raise ValueError(f"a duration of at most {format_duration(MAX_DURATION)} is expected, got {abbreviate(value)}")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from `1048576`, `512MiB`, `1GB`, `64KiB`: not negative, at most 1 TiB."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 512MiB or 64KiB")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite size like 512MiB, got {abbreviate(value)}")
-        size = int(min(value, MAX_SIZE + 1.0))
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise ValueError(f"expected a size like 512MiB or 64KiB, got {abbreviate(value)}")
-        number = float(match.group(1))
-        if not math.isfinite(number):
-            raise ValueError(f"a size of at most {format_size(MAX_SIZE)} is expected, got {abbreviate(value)}")
-        size = int(number * _SIZE_UNITS[(match.group(2) or "b").lower()])
-    if size < 0:
-        raise ValueError("a size cannot be negative")
-    if size > MAX_SIZE:
-        raise ValueError(f"a size of at most {format_size(MAX_SIZE)} is expected, got {abbreviate(value)}")
-    return size
-
-
-def _between(lo: Any, hi: Any, show: Callable[[Any], str], what: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if not lo <= value <= hi:
-            raise ValueError(f"{what} from {show(lo)} to {show(hi)} is expected, got {show(value)}")
-        return value
-
-    return check
-
-
-def _no_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not true/false")
-    return value
-
-
-def duration_in(lo: float, hi: float) -> Any:
-    """A duration field allowed from `lo` to `hi` seconds; the message names the range."""
-    check = _between(lo, hi, format_duration, "a duration")
-    return Annotated[float, BeforeValidator(parse_duration), AfterValidator(check)]
-
-
-def size_in(lo: int, hi: int) -> Any:
-    """A size field allowed from `lo` to `hi` bytes; the message names the range."""
-    return Annotated[int, BeforeValidator(parse_size), AfterValidator(_between(lo, hi, format_size, "a size"))]
-
-
-def int_in(lo: int, hi: int) -> Any:
-    """An integer field allowed from `lo` to `hi`; the message names the range."""
-    return Annotated[int, BeforeValidator(_no_bool), AfterValidator(_between(lo, hi, str, "an integer"))]
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
-class FieldError(ValueError):
-    """A ValueError about one part of a model's input, given as `loc` relative to that model.
-
-    A model-level validator can only fail the whole model, which would point the user at the top of it;
-    pydantic keeps the exception in the error's ctx, so the loader appends `loc` and reports the line of
-    the entry that is actually wrong.
-    """
-
-    def __init__(self, message: str, loc: tuple[Union[str, int], ...]) -> None:
-        super().__init__(message)
-        self.loc = loc
-
-
-# GitHub's repository and organization permission names for Apps, as its REST API spells them (account
-# permissions such as email_addresses are not for an installation's token and are left out).
-GITHUB_PERMISSIONS = frozenset({
-    # repository
-    "actions", "actions_variables", "administration", "artifact_metadata", "attestations", "checks",
-    "codespaces", "codespaces_lifecycle_admin", "codespaces_metadata", "codespaces_secrets", "contents",
-    "custom_properties", "dependabot_secrets", "deployments", "discussions", "environments", "issues",
-    "merge_queues", "metadata", "packages", "pages", "pull_requests", "repository_advisories",
-    "repository_custom_properties", "repository_hooks", "repository_projects", "secret_scanning_alerts",
-    "secrets", "security_events", "single_file", "statuses", "team_discussions", "vulnerability_alerts",
-    "workflows",
-    # organization
-    "custom_properties_for_organizations", "members", "organization_actions_variables",
-    "organization_administration", "organization_announcement_banners", "organization_campaigns",
-    "organization_codespaces", "organization_codespaces_secrets", "organization_codespaces_settings",
-    "organization_copilot_agent_settings", "organization_copilot_seat_management",
-    "organization_custom_org_roles", "organization_custom_properties", "organization_custom_roles",
-    "organization_dependabot_secrets", "organization_events", "organization_hooks", "organization_packages",
-    "organization_personal_access_token_requests", "organization_personal_access_tokens", "organization_plan",
-    "organization_projects", "organization_secrets", "organization_self_hosted_runners",
-    "organization_user_blocking",
-})
-
 # Options the platform reads from `models.*.options` and `llm.*.options`: name -> (kind, low, high).
-_Option = tuple[str, Any, Any]
-_GGML_OPTIONS: dict[str, _Option] = {
+_GGML_OPTIONS: dict[str, Option] = {
     "n-gpu-layers": ("int", -1, 100_000), "main-gpu": ("int", 0, 1024), "ctx-size": ("int", 0, 4_194_304),
     "batch-size": ("int", 1, 4_194_304), "ubatch-size": ("int", 1, 4_194_304), "threads": ("int", 1, 1024),
     "parallel": ("int", 1, 64), "n-predict": ("int", -2, 4_194_304), "top-k": ("int", 0, 1_000_000),
@@ -187,66 +53,12 @@ _GGML_OPTIONS: dict[str, _Option] = {
     "prefix-cache-mib": ("int", 0, 65_536),
 }
 _GGML_ALIASES = {"ngl": "n-gpu-layers"}
-_ONNX_OPTIONS: dict[str, _Option] = {"threads": ("int", 1, 1024)}
-_LLM_OPTIONS: dict[str, _Option] = {  # the OpenAI API's ranges
-    "context": ("int", 1, 16_777_216), "max_tokens": ("int", 1, 4_194_304), "temperature": ("number", 0, 2),
-    "top_p": ("number", 0, 1), "presence_penalty": ("number", -2, 2), "frequency_penalty": ("number", -2, 2),
-    "seed": ("int", INT64_MIN, INT64_MAX),
-}
+_ONNX_OPTIONS: dict[str, Option] = {"threads": ("int", 1, 1024)}
 
-
-def _check_option(value: Any, option: _Option) -> Optional[str]:
-    """What is wrong with one option value, or None."""
-    kind, lo, hi = option
-    if kind == "bool":
-        return None if isinstance(value, bool) else f"expected true or false, got {abbreviate(value)}"
-    ok_type = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
-        article = "an integer" if kind == "int" else "a number"
-        return f"{article} from {lo} to {hi} is expected, got {abbreviate(value)}"
-    return None
-
-
-def _check_options(options: dict[str, Any], known: dict[str, _Option], normalise: Callable[[str], str] = str) -> None:
-    for key, value in options.items():
-        option = known.get(normalise(key))
-        problem = _check_option(value, option) if option else None
-        if problem:
-            raise FieldError(problem, ("options", key))
 
 
 def _ggml_name(key: str) -> str:
     return _GGML_ALIASES.get(key, key.replace("_", "-"))
-
-
-def _check_app_id(value: Any) -> Any:
-    """The App's numeric id (0: no App, as `${GITHUB_APP_ID:-0}` gives) or, as text, its id or client id."""
-    number = int(value) if isinstance(value, str) and value.strip().isdigit() and len(value) < 40 else value
-    if isinstance(value, (bool, float)) or (isinstance(number, int) and not 0 <= number <= INT64_MAX):
-        raise ValueError(f"expected the App's id, an integer from 0 to {INT64_MAX}, got {abbreviate(value)}")
-    if isinstance(value, str) and len(value) > 64:
-        raise ValueError(f"expected the App's id or client id (at most 64 characters), got {abbreviate(value)}")
-    return value
-
-
-def _check_github_permissions(value: Any) -> Any:
-    """Keys of `allow.github` must be GitHub App permissions: a typo would otherwise grant nothing, silently."""
-    if not isinstance(value, dict):
-        return value
-    for key in value:
-        if isinstance(key, str) and key in GITHUB_PERMISSIONS:
-            continue
-        close = difflib.get_close_matches(str(key), sorted(GITHUB_PERMISSIONS), n=1, cutoff=0.6)
-        hint = f", did you mean {close[0]!r}?" if close else ""
-        if not close:
-            from wasmflow.host_functions.github import FAMILIES
-
-            family = FAMILIES.get(str(key))
-            hint = f" ({key} is an API path; its permission is {family!r})" if family else ""
-        raise FieldError(f"{abbreviate(key)} is not a GitHub App permission{hint} (expected a repository or "
-                         "organization permission such as pull_requests, issues, contents, checks, metadata)",
-                         (key,))
-    return value
 
 
 # Item validators run per list element, so an error's loc carries the index and points at its line.
@@ -260,13 +72,6 @@ def _check_name(value: str) -> str:
 def _check_event(value: str) -> str:
     if not re.fullmatch(r"[a-z_]+(\.[a-z_]+)?|\*", value):
         raise ValueError(f"expected event or event.action like pull_request.opened, got {value!r}")
-    return value
-
-
-def _check_http(value: str) -> str:
-    from wasmflow.host_functions.http_allow import parse_pattern
-
-    parse_pattern(value)  # raises ValueError with the expected form
     return value
 
 
@@ -297,10 +102,6 @@ def _check_env_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
         raise ValueError(f"expected an environment variable name, got {value!r}")
     return value
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Limits(Strict):
@@ -435,13 +236,11 @@ class NnAllow(Strict):
     max_bytes: Size = Field(default=64 * 1024**2, ge=1, le=4 * 1024**3)  # largest model a guest may load
 
 
-class Allow(Strict):
-    http: list[Annotated[str, AfterValidator(_check_http)]] = []  # scheme://host[:port], with * wildcards
+class Allow(HttpAllow, KvAllow, GithubAllow):
+    """`allow:` of a flow: the capabilities' parts (`http`, `kv`, `github`, `github_repos`) and the
+    grants this layer checks itself: WASI-NN's models, WASI's preopened directories."""
+
     models: list[str] = []
-    kv: bool = False
-    github: Annotated[dict[str, Literal["read", "write"]],  # App permission → level, e.g. {pull_requests: write}
-                      BeforeValidator(_check_github_permissions)] = {}
-    github_repos: list[str] = []  # more repositories (owner/name globs) than the event's own
     dirs: list[Annotated[str, AfterValidator(_check_dir)]] = []  # "host_path:guest_path[:ro]"
     nn: NnAllow = NnAllow()
 
@@ -449,51 +248,6 @@ class Allow(Strict):
     def dir_grants(self) -> list[DirGrant]:
         """`dirs` parsed (validated at load): what engines preopen and WASI-NN maps guest paths through."""
         return [DirGrant.parse(d) for d in self.dirs]
-
-
-class LlmEndpoint(Strict):
-    """Where a flow's `llm_chat` / `llm_embed` calls go; chosen by the operator, never by the guest.
-
-    With `base_url`, any OpenAI-compatible API (OpenAI, wasmflow's own /v1, llama.cpp server, Ollama)
-    through the `openai` package, `model` being the id sent to it. Without, `model` names an entry of
-    `models:` (listed in the flow's `allow.models`) run in-process by the WASI-NN back end.
-    """
-
-    model: str
-    base_url: Optional[str] = None
-    api_key_secret: Optional[str] = None  # env var holding the key; read by the host, never shown to the guest
-    timeout: duration_in(0.001, 3600.0) = 120.0
-    options: dict[str, Any] = {}  # defaults for requests: temperature, max_tokens, ...
-
-    @model_validator(mode="after")
-    def _options(self) -> "LlmEndpoint":
-        _check_options(self.options, _LLM_OPTIONS)
-        return self
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.strip():
-            return None  # `${VAR:-}` left empty: the local route
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"expected an http(s) URL like https://api.openai.com/v1, got {value!r}")
-        return value
-
-    @field_validator("api_key_secret")
-    @classmethod
-    def _secret(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.strip():
-            return None
-        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError(f"expected an environment variable name, got {value!r}")
-        return value
-
-
-class LlmSettings(Strict):
-    """`llm:` of a flow: the endpoint for chat and the one for embeddings (each optional)."""
-
-    chat: Optional[LlmEndpoint] = None
-    embeddings: Optional[LlmEndpoint] = None
 
 
 def _check_key(value: Optional[str]) -> Optional[str]:
@@ -633,22 +387,10 @@ class ModelSpec(Strict):
     @model_validator(mode="after")
     def _options(self) -> "ModelSpec":
         if self.backend == "ggml":
-            _check_options(self.options, _GGML_OPTIONS, _ggml_name)
+            check_options(self.options, _GGML_OPTIONS, _ggml_name)
         else:
-            _check_options(self.options, _ONNX_OPTIONS)
+            check_options(self.options, _ONNX_OPTIONS)
         return self
-
-
-class GithubApp(Strict):
-    app_id: Annotated[Union[int, str], BeforeValidator(_check_app_id)]
-    private_key: str  # a path to a PEM file, or the PEM itself
-    webhook_secret: str
-    api_url: str = "https://api.github.com"
-    # GitHub's web pages (the App manifest form): derived from api_url when unset (github.com for
-    # api.github.com, https://HOST for https://HOST/api/v3); set it for other layouts.
-    web_url: Optional[str] = None
-    bot_login: Optional[str] = None
-    min_write_interval: duration_in(0.0, 60.0) = 1.0  # GitHub asks for a second between content-creating requests
 
 
 class ConsoleSettings(Strict):

@@ -22,6 +22,7 @@ wait; a wait that would not fit in the run is an `UPSTREAM` error so the platfor
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import logging
@@ -33,7 +34,11 @@ import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Literal, Optional, Union
+
+from pydantic import BeforeValidator
+
+from wasmflow.fields import INT64_MAX, FieldError, Section, abbreviate, duration_in
 
 from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, Setup, check_range, read_json, write_result
 
@@ -771,3 +776,78 @@ def _query_pairs(query: Any) -> list[tuple[str, str]]:
                 raise HostError(Code.INVALID, f"query {key}: a whole number" + (" from 1 to 100" if key == "per_page" else " from 1"))
         pairs.append((key, text))
     return pairs
+
+# --- flows.yaml: `allow.github` and `allow.github_repos` of a flow, `github:` of the file -------------
+
+# GitHub's repository and organization permission names for Apps, as its REST API spells them (account
+# permissions such as email_addresses are not for an installation's token and are left out).
+GITHUB_PERMISSIONS = frozenset({
+    # repository
+    "actions", "actions_variables", "administration", "artifact_metadata", "attestations", "checks",
+    "codespaces", "codespaces_lifecycle_admin", "codespaces_metadata", "codespaces_secrets", "contents",
+    "custom_properties", "dependabot_secrets", "deployments", "discussions", "environments", "issues",
+    "merge_queues", "metadata", "packages", "pages", "pull_requests", "repository_advisories",
+    "repository_custom_properties", "repository_hooks", "repository_projects", "secret_scanning_alerts",
+    "secrets", "security_events", "single_file", "statuses", "team_discussions", "vulnerability_alerts",
+    "workflows",
+    # organization
+    "custom_properties_for_organizations", "members", "organization_actions_variables",
+    "organization_administration", "organization_announcement_banners", "organization_campaigns",
+    "organization_codespaces", "organization_codespaces_secrets", "organization_codespaces_settings",
+    "organization_copilot_agent_settings", "organization_copilot_seat_management",
+    "organization_custom_org_roles", "organization_custom_properties", "organization_custom_roles",
+    "organization_dependabot_secrets", "organization_events", "organization_hooks", "organization_packages",
+    "organization_personal_access_token_requests", "organization_personal_access_tokens", "organization_plan",
+    "organization_projects", "organization_secrets", "organization_self_hosted_runners",
+    "organization_user_blocking",
+})
+
+
+def _check_github_permissions(value: Any) -> Any:
+    """Keys of `allow.github` must be GitHub App permissions: a typo would otherwise grant nothing, silently."""
+    if not isinstance(value, dict):
+        return value
+    for key in value:
+        if isinstance(key, str) and key in GITHUB_PERMISSIONS:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(GITHUB_PERMISSIONS), n=1, cutoff=0.6)
+        hint = f", did you mean {close[0]!r}?" if close else ""
+        if not close:
+            family = FAMILIES.get(str(key))
+            hint = f" ({key} is an API path; its permission is {family!r})" if family else ""
+        raise FieldError(f"{abbreviate(key)} is not a GitHub App permission{hint} (expected a repository or "
+                         "organization permission such as pull_requests, issues, contents, checks, metadata)",
+                         (key,))
+    return value
+
+
+def _check_app_id(value: Any) -> Any:
+    """The App's numeric id (0: no App, as `${GITHUB_APP_ID:-0}` gives) or, as text, its id or client id."""
+    number = int(value) if isinstance(value, str) and value.strip().isdigit() and len(value) < 40 else value
+    if isinstance(value, (bool, float)) or (isinstance(number, int) and not 0 <= number <= INT64_MAX):
+        raise ValueError(f"expected the App's id, an integer from 0 to {INT64_MAX}, got {abbreviate(value)}")
+    if isinstance(value, str) and len(value) > 64:
+        raise ValueError(f"expected the App's id or client id (at most 64 characters), got {abbreviate(value)}")
+    return value
+
+
+class GithubAllow(Section):
+    """The capability's part of a flow's `allow:` (flows/model.py's `Allow` is made of such parts)."""
+
+    github: Annotated[dict[str, Literal["read", "write"]],  # App permission → level, e.g. {pull_requests: write}
+                      BeforeValidator(_check_github_permissions)] = {}
+    github_repos: list[str] = []  # more repositories (owner/name globs) than the event's own
+
+
+class GithubAppSettings(Section):
+    """`github:` of flows.yaml: the App the platform acts as (`GithubApp` above is its client)."""
+
+    app_id: Annotated[Union[int, str], BeforeValidator(_check_app_id)]
+    private_key: str  # a path to a PEM file, or the PEM itself
+    webhook_secret: str
+    api_url: str = "https://api.github.com"
+    # GitHub's web pages (the App manifest form): derived from api_url when unset (github.com for
+    # api.github.com, https://HOST for https://HOST/api/v3); set it for other layouts.
+    web_url: Optional[str] = None
+    bot_login: Optional[str] = None
+    min_write_interval: duration_in(0.0, 60.0) = 1.0  # GitHub asks for a second between content-creating requests

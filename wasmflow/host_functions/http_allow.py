@@ -11,8 +11,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Annotated, Iterable, Optional, Union
 from urllib.parse import quote, urlsplit
+
+from pydantic import AfterValidator
+
+from wasmflow.fields import Section
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 ANY = "*"
@@ -212,3 +216,14 @@ def _connection_target(url: str) -> Optional[tuple[str, str, int]]:
     except ValueError:
         return None
     return scheme, host, DEFAULT_PORTS[scheme] if port is None else port
+
+
+def _check_pattern(value: str) -> str:
+    parse_pattern(value)  # raises ValueError with the expected form
+    return value
+
+
+class HttpAllow(Section):
+    """The capability's part of a flow's `allow:` (flows/model.py's `Allow` is made of such parts)."""
+
+    http: list[Annotated[str, AfterValidator(_check_pattern)]] = []  # scheme://host[:port], with * wildcards

@@ -19,11 +19,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from wasmflow.fields import Section
 from wasmflow.storage.migrations import migrate
 from wasmflow.storage.schema import metadata
 from wasmflow.storage.sqlite_writes import take_write_turn
 
 from .spec import Call, Capability, Code, HostError, HostFunction, Setup, check_range, read_str, write_result
+
+class KvAllow(Section):
+    """The capability's part of a flow's `allow:` (flows/model.py's `Allow` is made of such parts)."""
+
+    kv: bool = False  # the flow may read and write its own keys
+
 
 # The capability's own table, registered into the shared schema: opening a database creates it.
 kv_table = sa.Table(

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
+
+from wasmflow.fields import INT64_MAX, INT64_MIN, Option, Section, check_options, duration_in
 
 from .spec import Call, Capability, Code, HostError, HostFunction, RunContext, Setup, write_result
 from .validate import GuestRequest, read_request
@@ -307,3 +309,57 @@ class LlmCapability(Capability):
             return self.registry.run_embed(endpoint.model, run, inputs)  # type: ignore[no-any-return]
         except HostError as err:
             raise err if run.halted is not None else self._fail(run, err.code, err.message) from None
+
+# --- flows.yaml: `llm:` of a flow ----------------------------------------------------------------------
+
+# Options of `llm.*.options`, in the OpenAI API's ranges.
+LLM_OPTIONS: dict[str, Option] = {
+    "context": ("int", 1, 16_777_216), "max_tokens": ("int", 1, 4_194_304), "temperature": ("number", 0, 2),
+    "top_p": ("number", 0, 1), "presence_penalty": ("number", -2, 2), "frequency_penalty": ("number", -2, 2),
+    "seed": ("int", INT64_MIN, INT64_MAX),
+}
+
+
+class LlmEndpoint(Section):
+    """Where a flow's `llm_chat` / `llm_embed` calls go; chosen by the operator, never by the guest.
+
+    With `base_url`, any OpenAI-compatible API (OpenAI, wasmflow's own /v1, llama.cpp server, Ollama)
+    through the `openai` package, `model` being the id sent to it. Without, `model` names an entry of
+    `models:` (listed in the flow's `allow.models`) run in-process by the WASI-NN back end.
+    """
+
+    model: str
+    base_url: Optional[str] = None
+    api_key_secret: Optional[str] = None  # env var holding the key; read by the host, never shown to the guest
+    timeout: duration_in(0.001, 3600.0) = 120.0
+    options: dict[str, Any] = {}  # defaults for requests: temperature, max_tokens, ...
+
+    @model_validator(mode="after")
+    def _options(self) -> "LlmEndpoint":
+        check_options(self.options, LLM_OPTIONS)
+        return self
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            return None  # `${VAR:-}` left empty: the local route
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http(s) URL like https://api.openai.com/v1, got {value!r}")
+        return value
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _secret(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            return None
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"expected an environment variable name, got {value!r}")
+        return value
+
+
+class LlmSettings(Section):
+    """`llm:` of a flow: the endpoint for chat and the one for embeddings (each optional)."""
+
+    chat: Optional[LlmEndpoint] = None
+    embeddings: Optional[LlmEndpoint] = None

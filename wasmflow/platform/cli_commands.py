@@ -500,7 +500,7 @@ def cancel_command(run_id: str, by: Optional[str], database_url: Optional[str], 
 def concurrency_command(flow: Optional[str], since: str, limit: int, database_url: Optional[str],
                         flows_path: Optional[Path]) -> None:
     """Per concurrency key: runs running and waiting now; cancelled, denied and LLM tokens in the window."""
-    from wasmflow.flows.model import parse_duration
+    from wasmflow.fields import parse_duration
     from wasmflow.platform.concurrency import key_summary
 
     try:

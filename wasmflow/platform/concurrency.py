@@ -35,7 +35,8 @@ import sqlalchemy as sa
 
 from wasmflow.engine.base import Status
 from wasmflow.flows.keys import KeyTemplate, parse_template
-from wasmflow.flows.model import Flow, FlowsFile, format_duration
+from wasmflow.fields import format_duration
+from wasmflow.flows.model import Flow, FlowsFile
 from wasmflow.storage.schema import events_table, runs_table
 from wasmflow.platform.cancel import notify_cancel
 from wasmflow.platform.store import DEAD, DONE, QUEUED, RUNNING

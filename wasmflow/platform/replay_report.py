@@ -33,7 +33,7 @@ def offline_command(ref: Optional[str], module: Optional[str], flow_name: Option
                     engine: Optional[str], database_url: Optional[str], flows_path: Optional[Path]) -> None:
     """Replay one recorded run (REF) or many (--flow, --since) offline; print the verdicts; exit 1 unless all
     are identical."""
-    from wasmflow.flows.model import parse_duration
+    from wasmflow.fields import parse_duration
     from wasmflow.platform.replay_offline import replay_many, replay_offline
     from wasmflow.platform.transcripts import list_transcripts, load_transcript
 

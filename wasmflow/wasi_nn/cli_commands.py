@@ -105,7 +105,8 @@ def exec_command(module: Path, preloads: tuple[str, ...], envs: tuple[str, ...],
     """Run a WASI command MODULE like `wasmedge` does, with WASI-NN; ARGS go to the guest (after --)."""
     from wasmflow.engine import make_engine
     from wasmflow.engine.base import ModuleError, RunRequest, Status
-    from wasmflow.flows.model import Allow, Flow, Limits, NnAllow, parse_size
+    from wasmflow.fields import parse_size
+    from wasmflow.flows.model import Allow, Flow, Limits, NnAllow
     from wasmflow.host_functions import Host
     from wasmflow.host_functions.spec import Event
 
