@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from wasmflow.fields import Section
+from wasmflow.storage.engine import driver_transaction
 from wasmflow.storage.migrations import migrate
 from wasmflow.storage.schema import metadata
 from wasmflow.storage.sqlite_writes import take_write_turn
@@ -144,20 +145,13 @@ class KeyValueStore:
         if self.db.dialect.name == "sqlite":
             # The hot path of a counting guest: the same one statement and commit on the pooled DBAPI
             # connection, without SQLAlchemy's per-execution bookkeeping (most of the call's cost).
-            raw = self.db.raw_connection()
-            try:
+            with driver_transaction(self.db) as raw:
                 take_write_turn(raw)
                 cursor = raw.cursor()
                 try:
                     row = cursor.execute(_INCREMENT_SQL["sqlite"], params).fetchone()
                 finally:
                     cursor.close()
-                raw.commit()
-            except BaseException:
-                raw.rollback()
-                raise
-            finally:
-                raw.close()
         else:
             with self._one_statement() as conn:
                 row = conn.execute(self._increment, params).first()

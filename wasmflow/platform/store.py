@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.platform.notify import NOTIFY_NEW_RUNS, notify_new_runs
+from wasmflow.storage.engine import driver_transaction
 from wasmflow.storage.sqlite_writes import take_write_turn
 
 log = logging.getLogger("wasmflow.store")
@@ -186,8 +187,7 @@ def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
     `record_event`, which resolves each conflict on its own.
     """
     dialect = db.dialect
-    raw = db.raw_connection()
-    try:
+    with driver_transaction(db) as raw:
         cursor = raw.cursor()
         keys = [e.dedupe_key for e in events if e.dedupe_key]
         existing: dict[str, str] = {}
@@ -215,12 +215,6 @@ def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
             if any(e.runs for e in fresh) and dialect.name == "postgresql":
                 cursor.execute(NOTIFY_NEW_RUNS)
         cursor.close()
-        raw.commit()
-    except BaseException:
-        raw.rollback()
-        raise
-    finally:
-        raw.close()
     return results
 
 
