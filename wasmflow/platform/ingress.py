@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -61,9 +62,10 @@ _HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "keep-alive"
 
 
 def sign(secret: bytes, body: bytes) -> str:
-    """The `X-Hub-Signature-256` value GitHub sends for `body` (`hmac.digest`: OpenSSL's one-shot HMAC,
-    without the Python object `hmac.new` builds)."""
-    return "sha256=" + hmac.digest(secret, body, "sha256").hex()
+    """The `X-Hub-Signature-256` value GitHub sends for `body`. Not `hmac.digest`: with OpenSSL 3 its
+    one-shot HMAC looks the digest up on every call, and under load in `wasmflow up` that took a tenth of
+    the event loop's time (py-spy), against a fortieth for `hmac.new`."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 def verify_signature(secret: bytes, body: bytes, header: Optional[str]) -> bool:
