@@ -42,19 +42,20 @@ class AckFirst:
     def busy(self) -> bool:
         return self._answering > 0 or time.monotonic() - self._last < self.quiet
 
-    def wait(self, stopping: threading.Event) -> None:
-        """Return once no delivery is in progress and none arrived within `quiet` (or `longest` has
-        passed, or `stopping` was set before or between two waits)."""
+    def wait(self, stopping: threading.Event) -> bool:
+        """Return once no delivery is in progress and none arrived within `quiet` (True), or when
+        `longest` has passed or `stopping` is set (False: the caller should do little)."""
         end = time.monotonic() + self.longest
         while not stopping.is_set():
             left = end - time.monotonic()
             if left <= 0:
-                return
+                return False
             self._calm.clear()  # before the check: an answer after it sets the event again
             if self._answering > 0:
                 self._calm.wait(left)
                 continue
             quiet_left = self.quiet - (time.monotonic() - self._last)
             if quiet_left <= 0:
-                return
+                return True
             stopping.wait(min(quiet_left, left))
+        return False
