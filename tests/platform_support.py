@@ -101,7 +101,11 @@ class ServerThread:
             self._stop = asyncio.Event()
             await serve(self.platform, "127.0.0.1", self.port, ready=lambda _: self._ready.set(), stop=self._stop)
 
-        self._loop.run_until_complete(main())
+        try:
+            self._loop.run_until_complete(main())
+        finally:  # its default executor's threads (platform.stop ran on one) end with it
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            self._loop.close()
 
     def __enter__(self) -> "ServerThread":
         self.platform.start()

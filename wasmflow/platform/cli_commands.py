@@ -123,17 +123,17 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
     platform = Platform(runtime, _platform_options(workers, lease, grace, max_body, dispatch=workers > 0,
                                                    public_url=public_url))
     if not _console_may_serve(platform, host):
-        runtime.close()
+        _discard(platform)
         sys.exit(2)
     watch_platform(stopping, platform)
     if stopping.is_set():  # stopped while loading: nothing was claimed
-        runtime.close()
+        _discard(platform)
         return
     try:
         platform.start()
     except PlatformError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
-        runtime.close()
+        _discard(platform)
         sys.exit(2)
     freeze_loaded_heap()
     try:
@@ -150,6 +150,13 @@ def up_command(host: str, port: int, max_body: int, workers: int, lease: float, 
             logging.shutdown()
             os._exit(0)
         runtime.close()
+
+
+def _discard(platform) -> None:  # type: ignore[no-untyped-def]
+    """A platform that will not serve: its threads (the event writer's) stopped, its runtime closed, so a
+    command run in-process (tests, `CliRunner`) leaves nothing behind."""
+    platform.stop()
+    platform.runtime.close()
 
 
 def _console_may_serve(platform, host: str) -> bool:  # type: ignore[no-untyped-def]
@@ -210,12 +217,13 @@ def worker_command(workers: int, lease: float, grace: float, engine: Optional[st
     platform = Platform(runtime, _platform_options(workers, lease, grace, 0, scheduler=not no_scheduler))
     watch_platform(stopping, platform)
     if stopping.is_set():  # stopped while loading: nothing was claimed
-        runtime.close()
+        _discard(platform)
         return
     try:
         platform.start()
     except PlatformError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        _discard(platform)
         sys.exit(2)
     logging.getLogger("wasmflow.worker").info("worker %s started (%d run slots)", platform.owner, workers)
     freeze_loaded_heap()
