@@ -58,3 +58,20 @@ def need_toolchain():  # type: ignore[no-untyped-def]
     except BuildError as exc:
         missing(f"needs a Rust toolchain for wasm32-wasi: {exc}")
         raise  # unreachable: missing() always raises
+
+
+def need_gpu_llama() -> None:
+    """A GPU that llama.cpp can offload to: llama-cpp-python built with CUDA on a machine with a GPU
+    (CI has neither, so this stays a skip there)."""
+    from wasmflow.wasi_nn.ggml_pool import gpu_offload_supported
+
+    if not gpu_offload_supported():
+        absent("needs a GPU and llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
+
+
+def need_gpu_onnx() -> None:
+    """A GPU that ONNX Runtime can use: onnxruntime-gpu with its CUDAExecutionProvider (CI has neither)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        absent("needs a GPU and onnxruntime-gpu (CUDAExecutionProvider)")

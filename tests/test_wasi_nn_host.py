@@ -22,7 +22,7 @@ from wasmflow.wasi_nn import Encoding, ModelRegistry, NNError, Target, WasiNNCap
 from wasmflow.wasi_nn.abi import tensor_type_word
 from wasmflow.wasi_nn.registry import preloads_from_env
 from wasmflow.wasi_nn.testmodels import write_tiny_llama, write_tiny_onnx
-from optional_support import absent, need_llama_cpp
+from optional_support import need_gpu_llama, need_gpu_onnx, need_llama_cpp
 
 need_llama_cpp()
 
@@ -509,10 +509,7 @@ def test_hosterror_codes_do_not_leak_into_nn_results(cap: WasiNNCapability) -> N
 
 def test_gpu_offload_gives_the_same_greedy_text(tiny_models: dict[str, Path]) -> None:
     """n-gpu-layers through the metadata: same tokens on the GPU as on the CPU (greedy)."""
-    from wasmflow.wasi_nn.ggml_backend import gpu_offload_supported
-
-    if not gpu_offload_supported():
-        absent("needs a GPU and llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
+    need_gpu_llama()
     reg = ModelRegistry([parse_preload(f"default:GGML:GPU:{tiny_models['gguf']}")])
     c = WasiNNCapability(reg)
     g = Guest(c, new_run(models=["default"]))
@@ -524,13 +521,10 @@ def test_gpu_offload_gives_the_same_greedy_text(tiny_models: dict[str, Path]) ->
 
 
 def test_onnx_uses_cuda_when_onnxruntime_has_it(tiny_models: dict[str, Path]) -> None:
-    import onnxruntime
-
     from wasmflow.wasi_nn.onnx_backend import OnnxModel, providers
 
     assert providers("cpu") == ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        absent("needs a GPU and onnxruntime-gpu (CUDAExecutionProvider)")
+    need_gpu_onnx()
     model = OnnxModel("t", str(tiny_models["onnx"]), "gpu")
     assert model.session().get_providers()[0] == "CUDAExecutionProvider"
 
