@@ -777,6 +777,7 @@ def _query_pairs(query: Any) -> list[tuple[str, str]]:
         pairs.append((key, text))
     return pairs
 
+
 # --- flows.yaml: `allow.github` and `allow.github_repos` of a flow, `github:` of the file -------------
 
 # GitHub's repository and organization permission names for Apps, as its REST API spells them (account

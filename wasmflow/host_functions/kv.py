@@ -27,6 +27,7 @@ from wasmflow.storage.sqlite_writes import take_write_turn
 
 from .spec import Call, Capability, Code, HostError, HostFunction, Setup, check_range, read_str, write_result
 
+
 class KvAllow(Section):
     """The capability's part of a flow's `allow:` (flows/model.py's `Allow` is made of such parts)."""
 

@@ -310,6 +310,7 @@ class LlmCapability(Capability):
         except HostError as err:
             raise err if run.halted is not None else self._fail(run, err.code, err.message) from None
 
+
 # --- flows.yaml: `llm:` of a flow ----------------------------------------------------------------------
 
 # Options of `llm.*.options`, in the OpenAI API's ranges.

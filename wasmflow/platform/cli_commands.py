@@ -195,7 +195,7 @@ def _print_console_link(platform, host: str, port: int) -> None:  # type: ignore
                    "shares with `wasmflow up` the webhooks are answered first")
 def worker_command(workers: int, lease: float, grace: float, engine: Optional[str], log_level: str,
                    database_url: Optional[str], flows_path: Optional[Path], no_scheduler: bool,
-                   metrics_port: Optional[int], metrics_host: str, nice: int = 10) -> None:
+                   metrics_port: Optional[int], metrics_host: str, nice: int) -> None:
     """Execute queued runs (and run the scheduler if elected) from a shared PostgreSQL store."""
     from wasmflow.platform.app import Platform, PlatformError
     from wasmflow.platform.signals import StopSignal, serve_until_stopped, watch_platform

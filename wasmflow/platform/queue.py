@@ -146,13 +146,17 @@ class Queue:
             where.append(sa.or_(r.c.flow.not_in(list(self.governed)),
                                 sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(limited or [""]))))
         picked = self._picked(*where, order=r.c.available_at, limit=sa.bindparam("c_limit", type_=sa.Integer))
-        statement = (r.update().where(picked, r.c.state == QUEUED)
-                     .values(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
-                             lease_owner=self.owner, lease_expires_at=sa.bindparam("c_expires"), started_at=now,
-                             finished_at=None)
+        statement = (r.update().where(picked, r.c.state == QUEUED).values(**self._lease(started_at=now))
                      .returning(*self._claimed_columns))
         self.__dict__["_claim_cache"] = (self.governed, statement)
         return statement
+
+    def _lease(self, started_at: Any) -> dict[str, Any]:
+        """What a claim sets on a run: leased to this worker until the bind parameter c_expires, the
+        attempt and the execution counted."""
+        r = runs_table
+        return dict(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1, lease_owner=self.owner,
+                    lease_expires_at=sa.bindparam("c_expires"), started_at=started_at, finished_at=None)
 
     def _picked(self, *where: sa.ColumnElement[bool], order: sa.ColumnElement, limit: Any) -> sa.ColumnElement[bool]:
         """A condition selecting at most `limit` runs matching `where`, oldest first, for one UPDATE.
@@ -196,11 +200,9 @@ class Queue:
                     # have ended before this one started, in the intervals the store keeps.
                     rows += conn.execute(
                         r.update().where(r.c.id.in_(ids), r.c.state == QUEUED)
-                        .values(state=RUNNING, attempt=r.c.attempt + 1, executions=r.c.executions + 1,
-                                lease_owner=self.owner, lease_expires_at=now + self.lease_seconds,
-                                started_at=max(now, self.clock()), finished_at=None)
-                        .returning(*self._claimed_columns)
-                    ).all()
+                        .values(**self._lease(started_at=max(now, self.clock())))
+                        .returning(*self._claimed_columns),
+                        {"c_expires": now + self.lease_seconds}).all()
             if len(rows) < limit:
                 rows += conn.execute(self._claim_statement(), {
                     "c_now": now, "c_limit": limit - len(rows), "c_expires": now + self.lease_seconds}).all()
@@ -365,7 +367,7 @@ class Queue:
                           a.c.worker == self.owner,
                           # a release gives the attempt number back: its row is not this attempt's
                           a.c.status.is_distinct_from("released"))
-                   .values(finished_at=sa.bindparam("b_now"), status=sa.bindparam("b_status"),
+                   .values(finished_at=now, status=sa.bindparam("b_status"),
                            error=sa.bindparam("b_error"), duration_ms=sa.bindparam("b_duration")))
         return run, attempt
 
