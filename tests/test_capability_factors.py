@@ -108,6 +108,18 @@ def test_invoke_converts_each_kind_once_whatever_the_engine_passes() -> None:
     assert seen[2] == (0x10, 5, 6, -(1 << 31), -(1 << 63))
 
 
+@pytest.mark.parametrize("arity", range(8))
+def test_every_arity_of_unsigned_parameters_masks_each_one(arity: int) -> None:
+    # The common shapes have callers written out, the others are compiled: both must convert alike.
+    seen: list[tuple[int, ...]] = []
+    kinds = tuple(("ptr", "len", "u32")[i % 3] for i in range(arity))
+    fn = HostFunction("t", "f", kinds, ("i32",), lambda call, *args: seen.append(args) or 0)
+    call = Call(None, _run())  # type: ignore[arg-type]
+    raw = [-1 - i if i % 2 else (0x5_00000000 + i) for i in range(arity)]
+    assert invoke(fn, call, raw) == 0
+    assert seen == [tuple(v & 0xFFFFFFFF for v in raw)]
+
+
 def test_unknown_parameter_kind_is_refused_at_definition() -> None:
     with pytest.raises(ValueError, match="unknown parameter kind 'pointer'"):
         HostFunction("t", "f", "pointer len", ("i32",), lambda call, a, b: 0)

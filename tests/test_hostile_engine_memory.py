@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+import wasmtime
 
 from hostile_support import PeakRss, engine_name, planted_secret, run_flow, assert_no_leak  # noqa: F401
 from wasmflow.engine import Status
@@ -79,6 +80,15 @@ def test_rust_guests_pass_the_shape_check(guest_wasm):
     for name, path in guest_wasm.items():
         shape = inspect(path.read_bytes())
         assert len(shape.memories) == 1 and len(shape.tables) <= 1, name
+
+
+def test_the_shape_lists_the_function_imports_wasmtime_sees(guest_wasm):
+    # The wasmtime engine links host functions from this list instead of asking wasmtime for it.
+    engine = wasmtime.Engine()
+    for name, path in guest_wasm.items():
+        module = wasmtime.Module(engine, path.read_bytes())
+        expected = tuple((i.module, i.name) for i in module.imports if isinstance(i.type, wasmtime.FuncType))
+        assert expected and inspect(path.read_bytes()).function_imports == expected, name
 
 
 @pytest.mark.parametrize("data", [b"\0asm\1\0\0\0\5\x03\x01\x10\x01", b"\0asm\1\0\0\0\5\x80"])

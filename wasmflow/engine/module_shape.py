@@ -56,6 +56,9 @@ class ModuleShape:
     defined_tables: tuple[TableEntry, ...]
     gc_types: bool
     table_section: Optional[tuple[int, int]]  # (start, end) of the whole section, header included
+    # (module, name) of each imported function: read here, the engine's own import list costs a new
+    # process's first run a third of a millisecond (wasmtime-py builds an object per import and per name)
+    function_imports: tuple[tuple[str, str], ...] = ()
 
     def memory_min_bytes(self) -> int:
         return self.memories[0].min * WASM_PAGE if self.memories else 0
@@ -127,8 +130,12 @@ class _Reader:
             raise ModuleShapeError("unexpected end of section")
         self.pos += count
 
-    def name(self) -> None:
-        self.skip(self.uleb())
+    def name(self) -> str:
+        length = self.uleb()
+        start = self.pos
+        self.skip(length)
+        # Names that are not UTF-8 are the engine's to refuse; here they only have to match nothing.
+        return self.data[start:self.pos].decode("utf-8", errors="replace")
 
     def limits(self) -> tuple[Limits, int]:
         flags = self.byte()
@@ -179,6 +186,7 @@ def inspect(wasm: bytes) -> ModuleShape:
     defined: list[TableEntry] = []
     gc_types = False
     table_section = None
+    function_imports: list[tuple[str, str]] = []
     for section, start, payload, end in _sections(wasm):
         reader = _Reader(wasm, payload, end)
         if section == _SECTION_TYPE:
@@ -192,11 +200,11 @@ def inspect(wasm: bytes) -> ModuleShape:
                         reader.value_type()
         elif section == _SECTION_IMPORT:
             for _ in range(reader.uleb()):
-                reader.name()
-                reader.name()
+                module, name = reader.name(), reader.name()
                 kind = reader.byte()
                 if kind == 0x00:  # function: type index
                     reader.uleb()
+                    function_imports.append((module, name))
                 elif kind == 0x01:  # table
                     reader.ref_type()
                     tables.append(reader.limits()[0])
@@ -222,7 +230,7 @@ def inspect(wasm: bytes) -> ModuleShape:
         elif section == _SECTION_MEMORY:
             for _ in range(reader.uleb()):
                 memories.append(reader.limits()[0])
-    return ModuleShape(tuple(memories), tuple(tables), tuple(defined), gc_types, table_section)
+    return ModuleShape(tuple(memories), tuple(tables), tuple(defined), gc_types, table_section, tuple(function_imports))
 
 
 def _uleb(value: int) -> bytes:

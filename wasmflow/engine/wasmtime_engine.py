@@ -120,10 +120,41 @@ def _trap(message: str) -> int:
 @functools.lru_cache(maxsize=None)
 def _slot_reader(fields: tuple[str, ...]) -> Callable[[Any], tuple[int, ...]]:
     """`read(slots)`: the raw argument slots of one signature as a tuple, compiled once (no loop)."""
+    if len(fields) < len(_I32_READERS) and all(f == "i32" for f in fields):
+        return _I32_READERS[len(fields)]
     getters = "".join(f"slots[{i}].{f}, " for i, f in enumerate(fields))
     namespace: dict[str, Any] = {}
     exec(f"def read(slots):\n    return ({getters})\n", namespace)  # noqa: S102
     return namespace["read"]
+
+
+# The readers `_slot_reader` would compile for the common shapes (every argument an i32), written out so
+# that they come compiled with the package (`exec` costs about 50 µs a signature, in the first run).
+def _i32x0(slots: Any) -> tuple[int, ...]:
+    return ()
+
+
+def _i32x1(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i32,)
+
+
+def _i32x2(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i32, slots[1].i32)
+
+
+def _i32x3(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i32, slots[1].i32, slots[2].i32)
+
+
+def _i32x4(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i32, slots[1].i32, slots[2].i32, slots[3].i32)
+
+
+def _i32x5(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i32, slots[1].i32, slots[2].i32, slots[3].i32, slots[4].i32)
+
+
+_I32_READERS = (_i32x0, _i32x1, _i32x2, _i32x3, _i32x4, _i32x5)
 
 
 def adapt(fn: HostFunction) -> Callable[..., int]:
@@ -186,7 +217,7 @@ class WasmtimeEngine:
         # process; each keeps its own linker, since the host functions belong to its host.
         self.shared = shared or process_engine()
         self.engine = self.shared.engine
-        self.version = _wasmtime_version()
+        self.version = WASMTIME_VERSION
         self.cache = ModuleCache(Path(cache_dir) / f"wasmtime-{self.version}")
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
@@ -236,7 +267,7 @@ class WasmtimeEngine:
             module = wasmtime.Module.deserialize(self.engine, serialized)
         try:
             with self._define_lock:  # the linker is mutated here and read by instantiate_pre
-                self._define_imports(module)
+                self._define_imports(shape.function_imports)
                 pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: {_first_line(exc)}") from None
@@ -248,11 +279,11 @@ class WasmtimeEngine:
                               "and results (a WASI command's entry point): build it as a WASI command, a bin crate")
         return WasmtimeModule(flow_name, path, module, pre, from_cache, shape)
 
-    def _define_imports(self, module: wasmtime.Module) -> None:
-        """Define on the linker the host functions `module` imports that no module loaded before did
-        (called under `_define_lock`)."""
-        for imp in module.imports:
-            fn = self._undefined.pop((imp.module, imp.name), None)
+    def _define_imports(self, imports: tuple[tuple[str, str], ...]) -> None:
+        """Define on the linker the host functions among `imports` (a module's, as (module, name)) that
+        no module loaded before imported (called under `_define_lock`)."""
+        for key in imports:
+            fn = self._undefined.pop(key, None)
             if fn is not None:
                 self._define(fn)
 
@@ -600,22 +631,24 @@ def result_memory(store: wasmtime.Store, ctx: RunContext) -> int:
         return 0
 
 
-@functools.lru_cache(maxsize=1)
 def _wasmtime_version() -> str:
-    """wasmtime-py's version (it keys the module cache), once per process.
+    """wasmtime-py's version (it keys the module cache).
 
     Read from the name of the `wasmtime-X.Y.Z.dist-info` directory beside the package: importlib.metadata
-    scans every distribution on the path, about 2 ms of a new process's first run (its budget is 3 ms).
+    scans every distribution on the path, about 2 ms. Read once, when this module is imported
+    (`WASMTIME_VERSION`): it is a fact about the installation, like a package's `__version__`.
     """
-    site = Path(wasmtime.__file__).resolve().parent.parent
+    site = os.path.dirname(os.path.dirname(os.path.abspath(wasmtime.__file__)))
     try:
-        for entry in os.scandir(site):
-            name = entry.name
+        for name in os.listdir(site):
             if name.startswith("wasmtime-") and name.endswith(".dist-info"):
                 return name[len("wasmtime-"):-len(".dist-info")]
     except OSError:
         pass
     return package_version("wasmtime")
+
+
+WASMTIME_VERSION = _wasmtime_version()
 
 
 def _first_line(exc: BaseException) -> str:

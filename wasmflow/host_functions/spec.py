@@ -192,12 +192,50 @@ def _caller(kinds: tuple[str, ...]) -> Callable[..., int]:
     """`apply(body, call, args)` for one signature: calls body(call, *converted args), compiled once into
     a single call expression. It runs on every host call, where converting in a loop would cost several
     times more than the call itself."""
+    conversions = tuple(ARG_KINDS[k][1] for k in kinds)
+    if len(conversions) < len(_UNSIGNED_CALLERS) and all(c == ARG_KINDS["u32"][1] for c in conversions):
+        return _UNSIGNED_CALLERS[len(conversions)]
     names = [f"a{i}" for i in range(len(kinds))]
     unpack = f"    {', '.join(names)}, = args\n" if names else ""
-    values = "".join(", " + ARG_KINDS[k][1].format(n) for k, n in zip(kinds, names))
+    values = "".join(", " + c.format(n) for c, n in zip(conversions, names))
     namespace: dict[str, Any] = {}
     exec(f"def apply(body, call, args):\n{unpack}    return body(call{values})\n", namespace)  # noqa: S102
     return namespace["apply"]
+
+
+# The callers `_caller` would compile for the common shapes, every parameter a pointer, length or handle,
+# written out so that they come compiled with the package: `exec` costs about 50 µs a signature, and a
+# new process's first run used to compile half a dozen.
+def _unsigned0(body: Callable[..., int], call: "Call", args: Any) -> int:
+    return body(call)
+
+
+def _unsigned1(body: Callable[..., int], call: "Call", args: Any) -> int:
+    a0, = args
+    return body(call, a0 & 0xFFFFFFFF)
+
+
+def _unsigned2(body: Callable[..., int], call: "Call", args: Any) -> int:
+    a0, a1 = args
+    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF)
+
+
+def _unsigned3(body: Callable[..., int], call: "Call", args: Any) -> int:
+    a0, a1, a2 = args
+    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF)
+
+
+def _unsigned4(body: Callable[..., int], call: "Call", args: Any) -> int:
+    a0, a1, a2, a3 = args
+    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF, a3 & 0xFFFFFFFF)
+
+
+def _unsigned5(body: Callable[..., int], call: "Call", args: Any) -> int:
+    a0, a1, a2, a3, a4 = args
+    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF, a3 & 0xFFFFFFFF, a4 & 0xFFFFFFFF)
+
+
+_UNSIGNED_CALLERS = (_unsigned0, _unsigned1, _unsigned2, _unsigned3, _unsigned4, _unsigned5)
 
 
 @dataclass(frozen=True)
