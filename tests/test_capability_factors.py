@@ -81,7 +81,7 @@ def test_streamed_text_reaches_the_process_stdout_under_exec(engine_name: str, g
                                                             tiny_gguf: Path, tmp_path: Path) -> None:
     """`wasmflow exec` passes stdout through (inherit_stdio): the streamed text comes out of the process."""
     skip_without(engine_name)
-    code = "from wasmflow.wasi_nn.cli_commands import exec_command; exec_command()"
+    code = "from wasmflow.exec_command import exec_command; exec_command()"
     args = [str(guest_wasm["llama-chat"]), "--engine", engine_name, "--state-dir", str(tmp_path),
             "--nn-preload", f"default:GGML:AUTO:{tiny_gguf}", "--", *STREAM_ARGS]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, cwd=REPO, timeout=300)

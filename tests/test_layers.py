@@ -18,9 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "wasmflow"
 FLOORS: list[set[str]] = [
     {"storage", "fields", "build", "terminal", "process", "loopback", "__init__"},
     {"host_functions"},
-    {"flows", "engine"},
-    {"wasi_nn"},
-    {"runtime"},
+    {"engine", "wasi_nn"},
+    {"flows"},
+    {"runtime", "exec_command"},
     {"cli_support"},
     {"console"},
     {"platform"},

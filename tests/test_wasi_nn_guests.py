@@ -271,7 +271,7 @@ def test_minilm_embeddings_match_numpy_reference(runner: Runner, minilm: dict[st
 
 
 def _exec(args: list[str], stdin: bytes = b"") -> subprocess.CompletedProcess:
-    code = "from wasmflow.wasi_nn.cli_commands import exec_command; exec_command()"
+    code = "from wasmflow.exec_command import exec_command; exec_command()"
     return subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, cwd=REPO, timeout=300)
 
 

@@ -81,7 +81,8 @@ def _register() -> None:
     from wasmflow.build import build_command
     from wasmflow.flows.cli_commands import validate_command
 
-    from wasmflow.wasi_nn.cli_commands import exec_command, models_group
+    from wasmflow.exec_command import exec_command
+    from wasmflow.wasi_nn.cli_commands import models_group
 
     main.add_command(build_command, "build")
     main.add_command(exec_command, "exec")

@@ -5,10 +5,11 @@ secret it does not list under `allow:` / `secrets:`. Every model forbids unknown
 error instead of a silently ignored setting.
 
 A capability owns its section: `allow.kv` (host_functions/kv.py), `allow.http` (http_allow.py),
-`allow.github`/`allow.github_repos` and the file's `github:` (github.py), a flow's `llm:` (llm.py); this
-module assembles them (`Allow` is made of the capabilities' parts) with what belongs to the flow itself
-(triggers, limits, retry, concurrency) and to WASI-NN, which sits above this layer (`models:`,
-`allow.models`, `allow.nn`). The field types they share are in wasmflow/fields.py.
+`allow.github`/`allow.github_repos` and the file's `github:` (github.py), a flow's `llm:` (llm.py),
+the file's `models:` and a flow's `allow.models`/`allow.nn` (wasi_nn/settings.py); this module
+assembles them (`Allow` is made of the capabilities' parts) with what belongs to the flow itself
+(triggers, limits, retry, concurrency, preopened directories). The field types they share are in
+wasmflow/fields.py.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from zoneinfo import ZoneInfo
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from wasmflow.fields import (FieldError, Option, Section, Size, abbreviate, check_options, duration_in,
-                             format_duration, int_in, size_in)
+from wasmflow.fields import FieldError, Section, abbreviate, duration_in, format_duration, int_in, size_in
 # The capabilities' sections; `GithubApp` keeps its name here, where the file's `github:` is read.
 from wasmflow.host_functions.github import GithubAllow, GithubAppSettings as GithubApp
 from wasmflow.host_functions.http_allow import HttpAllow
 from wasmflow.host_functions.kv import KvAllow
 from wasmflow.host_functions.llm import LlmEndpoint, LlmSettings  # noqa: F401  (LlmEndpoint: for importers)
+from wasmflow.wasi_nn.settings import ModelSpec, WasiNnAllow
 
 Strict = Section  # the sections of this module, as strict as the capabilities' own
 
@@ -36,29 +37,6 @@ MAX_CRON_CHARS = 200
 
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-
-
-# Options the platform reads from `models.*.options` and `llm.*.options`: name -> (kind, low, high).
-_GGML_OPTIONS: dict[str, Option] = {
-    "n-gpu-layers": ("int", -1, 100_000), "main-gpu": ("int", 0, 1024), "ctx-size": ("int", 0, 4_194_304),
-    "batch-size": ("int", 1, 4_194_304), "ubatch-size": ("int", 1, 4_194_304), "threads": ("int", 1, 1024),
-    "parallel": ("int", 1, 64), "n-predict": ("int", -2, 4_194_304), "top-k": ("int", 0, 1_000_000),
-    "seed": ("int", -1, 2**32 - 1), "temp": ("number", 0, 100), "top-p": ("number", 0, 1),
-    "min-p": ("number", 0, 1), "repeat-penalty": ("number", 0, 100), "presence-penalty": ("number", -100, 100),
-    "frequency-penalty": ("number", -100, 100), "embedding": ("bool", None, None),
-    "stream-stdout": ("bool", None, None), "ignore-eos": ("bool", None, None), "enable-log": ("bool", None, None),
-    "enable-debug-log": ("bool", None, None),
-    # continuous batching (wasi_nn/batch_scheduler.py)
-    "batching": ("bool", None, None), "sequences": ("int", 1, 64), "kv-size": ("int", 16, 4_194_304),
-    "prefix-cache-mib": ("int", 0, 65_536),
-}
-_GGML_ALIASES = {"ngl": "n-gpu-layers"}
-_ONNX_OPTIONS: dict[str, Option] = {"threads": ("int", 1, 1024)}
-
-
-
-def _ggml_name(key: str) -> str:
-    return _GGML_ALIASES.get(key, key.replace("_", "-"))
 
 
 # Item validators run per list element, so an error's loc carries the index and points at its line.
@@ -225,24 +203,11 @@ class Trigger(Strict):
         return next(k for k in ("github", "schedule", "http") if getattr(self, k) is not None)
 
 
-class NnAllow(Strict):
-    """`allow.nn:` what a flow may do through WASI-NN beyond the named models of `allow.models`.
+class Allow(HttpAllow, KvAllow, GithubAllow, WasiNnAllow):
+    """`allow:` of a flow: the capabilities' parts (`http`, `kv`, `github`, `github_repos`, `models`,
+    `nn`) and the grant this layer checks itself: WASI's preopened directories."""
 
-    Loading a graph from bytes (or from a file in `allow.dirs`) hands a guest-chosen model to ONNX
-    Runtime's and llama.cpp's parsers, so it is a capability of its own, off unless granted.
-    """
-
-    load_bytes: bool = False
-    max_bytes: Size = Field(default=64 * 1024**2, ge=1, le=4 * 1024**3)  # largest model a guest may load
-
-
-class Allow(HttpAllow, KvAllow, GithubAllow):
-    """`allow:` of a flow: the capabilities' parts (`http`, `kv`, `github`, `github_repos`) and the
-    grants this layer checks itself: WASI-NN's models, WASI's preopened directories."""
-
-    models: list[str] = []
     dirs: list[Annotated[str, AfterValidator(_check_dir)]] = []  # "host_path:guest_path[:ro]"
-    nn: NnAllow = NnAllow()
 
     @property
     def dir_grants(self) -> list[DirGrant]:
@@ -376,21 +341,6 @@ class Flow(Strict):
         """The key template of `budget` (its own, else the run key)."""
         own = self.budget.key if self.budget is not None else None
         return own or self.run_key
-
-
-class ModelSpec(Strict):
-    backend: Literal["ggml", "onnx"]
-    path: str
-    target: Literal["cpu", "gpu", "auto"] = "auto"
-    options: dict[str, Any] = {}
-
-    @model_validator(mode="after")
-    def _options(self) -> "ModelSpec":
-        if self.backend == "ggml":
-            check_options(self.options, _GGML_OPTIONS, _ggml_name)
-        else:
-            check_options(self.options, _ONNX_OPTIONS)
-        return self
 
 
 class ConsoleSettings(Strict):
