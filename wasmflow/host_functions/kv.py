@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from wasmflow.fields import Section
-from wasmflow.storage.engine import driver_transaction
+from wasmflow.storage.driver import driver_transaction
 from wasmflow.storage.migrations import migrate
 from wasmflow.storage.schema import metadata
 from wasmflow.storage.sqlite_writes import take_write_turn

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.platform.notify import NOTIFY_NEW_RUNS, notify_new_runs
-from wasmflow.storage.engine import driver_transaction
+from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots
 from wasmflow.storage.sqlite_writes import take_write_turn
 
 log = logging.getLogger("wasmflow.store")
@@ -131,42 +131,20 @@ def _insert_runs(conn: sa.Connection, events: list[NewEvent]) -> None:
         conn.execute(attempts_table.insert(), claimed)
 
 
-class _DriverStatement:
-    """A statement compiled once for one dialect and run on the driver's own cursor.
-
-    Why: in `wasmflow up` under a burst the writer thread spent more of the interpreter's time in
-    SQLAlchemy's per-execution work (parameter processing, result set-up, events) than SQLite spent
-    storing the rows, and every microsecond of it is taken from the event loop answering the senders.
-    The SQL text and its parameter order come from SQLAlchemy's compiler, so quoting and the driver's
-    parameter style stay its business.
-    """
-
-    def __init__(self, statement: Any, dialect: sa.Dialect, defaults: Optional[dict[str, Any]] = None,
-                 **compile_kw: Any) -> None:
-        compiled = statement.compile(dialect=dialect, **compile_kw)
-        self.sql = str(compiled)
-        self._order = tuple(compiled.positiontup) if compiled.positional else None
-        self._defaults = defaults or {}
-
-    def params(self, values: dict[str, Any]) -> Any:
-        if self._defaults:
-            values = {**self._defaults, **values}
-        return tuple(values[k] for k in self._order) if self._order is not None else values
-
-
 @functools.lru_cache(maxsize=None)
-def _insert(dialect: sa.Dialect, table: sa.Table, columns: tuple[str, ...]) -> _DriverStatement:
+def _insert(dialect: sa.Dialect, table: sa.Table, columns: tuple[str, ...]) -> DriverStatement:
     """INSERT of `columns` into `table`; the columns left out get their scalar defaults, as SQLAlchemy
     would fill them in (the compiled statement names them)."""
     defaults = {c.key: c.default.arg for c in table.columns
                 if c.key not in columns and c.default is not None and c.default.is_scalar}
-    return _DriverStatement(table.insert(), dialect, defaults, column_keys=list(columns))
+    return DriverStatement(table.insert(), dialect, defaults, column_keys=list(columns))
 
 
-@functools.lru_cache(maxsize=1024)
-def _stored_keys(dialect: sa.Dialect, n: int) -> _DriverStatement:
+@functools.lru_cache(maxsize=None)
+def _stored_keys(dialect: sa.Dialect, n: int) -> DriverStatement:
+    """The SELECT of the stored events among `n` dedupe keys (`n` a power of two: see `in_slots`)."""
     e = events_table
-    return _DriverStatement(
+    return DriverStatement(
         sa.select(e.c.dedupe_key, e.c.id).where(e.c.dedupe_key.in_([sa.bindparam(f"k{i}") for i in range(n)])),
         dialect)
 
@@ -179,7 +157,7 @@ def _insert_many(cursor: Any, dialect: sa.Dialect, table: sa.Table, rows: list[d
 
 def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
     """Store many events and their runs in one transaction of their own (the ingress fast path), and
-    tell listening workers when runs were stored; on the driver's connection (`_DriverStatement`).
+    tell listening workers when runs were stored; on the driver's connection (`DriverStatement`).
 
     Duplicates (a dedupe key already stored, or twice in the batch) are found with one SELECT first. A
     concurrent writer can still insert the same key between that SELECT and the INSERT (several ingress
@@ -192,8 +170,9 @@ def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
         keys = [e.dedupe_key for e in events if e.dedupe_key]
         existing: dict[str, str] = {}
         if keys:
-            select = _stored_keys(dialect, len(keys))
-            cursor.execute(select.sql, select.params({f"k{i}": k for i, k in enumerate(keys)}))
+            params = in_slots(keys)
+            select = _stored_keys(dialect, len(params))
+            cursor.execute(select.sql, select.params(params))
             existing = dict(cursor.fetchall())
         fresh: list[NewEvent] = []
         results: list[Recorded] = []

@@ -8,6 +8,7 @@ host, one row per call, which `wasmflow logs` prints and the console shows).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +25,9 @@ from typing import Any, Optional
 import sqlalchemy as sa
 
 from wasmflow.host_functions.transcript import Entry, Recorder, Scrubber, decode, encode
+from wasmflow.storage.driver import DriverStatement, driver_transaction
 from wasmflow.storage.schema import transcripts_table
+from wasmflow.storage.sqlite_writes import take_write_turn
 
 log = logging.getLogger("wasmflow.transcripts")
 
@@ -212,13 +215,28 @@ def _upsert(dialect: str) -> Any:
     raise ValueError(f"transcripts: no upsert for the {dialect} dialect (SQLite and PostgreSQL are supported)")
 
 
+@functools.lru_cache(maxsize=None)
+def _upsert_statement(dialect: sa.Dialect) -> DriverStatement:
+    return DriverStatement(_upsert(dialect.name), dialect)
+
+
 def save_many(db: sa.Engine, docs: list[dict[str, Any]]) -> list[int]:
-    """Store (or replace) transcripts in one transaction; returns each one's compressed size in bytes."""
+    """Store (or replace) transcripts in one transaction; returns each one's compressed size in bytes.
+
+    One statement however many (a batch costs about what one row does), on the driver's cursor: a
+    worker stores a transcript per run, and SQLAlchemy's execution took more of the interpreter than
+    the guest's own run (`DriverStatement`)."""
     rows = [_row(doc) for doc in docs]
     if not rows:
         return []
-    with db.begin() as conn:  # one statement however many: a batch costs about what one row does
-        conn.execute(_upsert(db.dialect.name), rows)
+    upsert = _upsert_statement(db.dialect)
+    with driver_transaction(db) as raw:
+        take_write_turn(raw)
+        cursor = raw.cursor()
+        try:
+            cursor.executemany(upsert.sql, [upsert.params(row) for row in rows])
+        finally:
+            cursor.close()
     return [len(row["data"]) for row in rows]
 
 

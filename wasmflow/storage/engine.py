@@ -4,11 +4,9 @@ several workers share one store. Shared by the store, the queue and the key-valu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -77,18 +75,3 @@ def _ping_when_idle(engine: sa.Engine) -> None:
             engine.dialect.do_ping(dbapi_conn)
         except Exception as exc:  # the driver's error, whichever: this connection is gone
             raise sa.exc.DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
-
-
-@contextlib.contextmanager
-def driver_transaction(db: sa.Engine) -> Iterator[Any]:
-    """A transaction on a pooled connection's own DBAPI connection, for hot paths that skip SQLAlchemy's
-    per-execution work: committed at the end, rolled back on any exception, given back to the pool."""
-    raw = db.raw_connection()
-    try:
-        yield raw
-        raw.commit()
-    except BaseException:
-        raw.rollback()
-        raise
-    finally:
-        raw.close()
