@@ -20,7 +20,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import sqlalchemy as sa
 
@@ -32,7 +32,8 @@ from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.storage.sqlite_writes import take_write_turn
 from wasmflow.platform.cancel import CancelResult, cancel_reason, notify_cancel
 from wasmflow.platform.notify import notify_new_runs
-from wasmflow.platform.store import DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun, encode_logs, new_id, run_row
+from wasmflow.platform.store import (DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun, encode_logs, insert_many, new_id,
+                                     run_row)
 
 if TYPE_CHECKING:
     from wasmflow.platform.concurrency import Admission
@@ -56,6 +57,28 @@ class ClaimedRun:
     event_id: str
     # The claim's number among all claims of the run (releases and lease losses included): 1, 2, ...
     execution: int = 1
+
+
+class _ClaimedRow(NamedTuple):
+    """A row of `Queue._claimed_columns`, as the claim's RETURNING gives it."""
+
+    id: str
+    event_id: str
+    flow: str
+    attempt: int
+    max_attempts: int
+    trigger: str
+    idempotency_key: Optional[str]
+    executions: int
+    available_at: float
+
+
+@functools.lru_cache(maxsize=None)
+def _claimed_events(dialect: sa.Dialect, n: int) -> DriverStatement:
+    """The events of claimed runs, `n` ids (`in_slots`): id, name, headers, body."""
+    e = events_table
+    return DriverStatement(sa.select(e.c.id, e.c.name, e.c.headers, e.c.body).where(
+        e.c.id.in_([sa.bindparam(f"k{i}") for i in range(n)])), dialect)
 
 
 @dataclass(frozen=True)
@@ -134,10 +157,10 @@ class Queue:
                         runs_table.c.max_attempts, runs_table.c.trigger, runs_table.c.idempotency_key,
                         runs_table.c.executions, runs_table.c.available_at)
 
-    def _claim_statement(self) -> sa.Update:
-        """`claim`'s UPDATE of due runs, built once per set of governed flows (its bind parameters:
-        c_now, c_limit, c_expires). Building it on every claim cost the claim loop more than running
-        it (py-spy, `up` under a burst)."""
+    def _claim_statement(self) -> DriverStatement:
+        """`claim`'s UPDATE of due runs, built and compiled once per set of governed flows (its bind
+        parameters: c_now, c_limit, c_expires). Building it on every claim cost the claim loop more than
+        running it (py-spy, `up` under a burst)."""
         cached = self.__dict__.get("_claim_cache")
         if cached is not None and cached[0] is self.governed:
             return cached[1]
@@ -146,11 +169,14 @@ class Queue:
         where: list[sa.ColumnElement[bool]] = [r.c.state == QUEUED, r.c.available_at <= now]
         limited = [name for name, p in self.governed.items() if p.limit is not None]
         if self.governed:  # not admitted yet, or under a per-key limit (claimed by `claim_limited`): not here
-            where.append(sa.or_(r.c.flow.not_in(list(self.governed)),
-                                sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(limited or [""]))))
+            # one bound value per name, not an expanding list: the statement is compiled once, values in
+            governed, unlimited_only = ([sa.literal(n) for n in names] for names in (self.governed, limited or [""]))
+            where.append(sa.or_(r.c.flow.not_in(governed),
+                                sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(unlimited_only))))
         picked = self._picked(*where, order=r.c.available_at, limit=sa.bindparam("c_limit", type_=sa.Integer))
-        statement = (r.update().where(picked, r.c.state == QUEUED).values(**self._lease(started_at=now))
-                     .returning(*self._claimed_columns))
+        statement = DriverStatement(
+            r.update().where(picked, r.c.state == QUEUED).values(**self._lease(started_at=now))
+            .returning(*self._claimed_columns), self.db.dialect)
         self.__dict__["_claim_cache"] = (self.governed, statement)
         return statement
 
@@ -193,7 +219,7 @@ class Queue:
         limited = [name for name, p in self.governed.items() if p.limit is not None]
         with self.db.begin() as conn:
             self._relaxed_commit(conn)
-            rows = []
+            rows: list[Any] = []
             if limited:
                 from wasmflow.platform.concurrency import claim_limited
 
@@ -206,28 +232,36 @@ class Queue:
                         .values(**self._lease(started_at=max(now, self.clock())))
                         .returning(*self._claimed_columns),
                         {"c_expires": now + self.lease_seconds}).all()
-            if len(rows) < limit:
-                rows += conn.execute(self._claim_statement(), {
-                    "c_now": now, "c_limit": limit - len(rows), "c_expires": now + self.lease_seconds}).all()
-            # RETURNING follows no ORDER BY: hand the runs out in their queue order.
-            rows.sort(key=lambda row: row.available_at)
-            if not rows:
-                return []
-            conn.execute(attempts_table.insert(), [
-                dict(run_id=row.id, attempt=row.attempt, worker=self.owner, claimed_at=now) for row in rows
-            ])
-            e = events_table
-            events = {ev.id: ev for ev in conn.execute(
-                sa.select(e.c.id, e.c.name, e.c.headers, e.c.body, e.c.source)
-                .where(e.c.id.in_({row.event_id for row in rows}))
-            ).all()}
+            # The rest on the driver's cursor, in the same transaction: the claim runs once per batch of
+            # runs, and SQLAlchemy's execution of it took the claim thread more time than the database.
+            raw = conn.connection.dbapi_connection
+            take_write_turn(raw)
+            cursor = raw.cursor()
+            try:
+                if len(rows) < limit:
+                    claim = self._claim_statement()
+                    cursor.execute(claim.sql, claim.params(
+                        {"c_now": now, "c_limit": limit - len(rows), "c_expires": now + self.lease_seconds}))
+                    rows += [_ClaimedRow(*row) for row in cursor.fetchall()]
+                # RETURNING follows no ORDER BY: hand the runs out in their queue order.
+                rows.sort(key=lambda row: row.available_at)
+                if not rows:
+                    return []
+                insert_many(cursor, self.db.dialect, attempts_table, [
+                    dict(run_id=row.id, attempt=row.attempt, worker=self.owner, claimed_at=now) for row in rows])
+                ids = in_slots(sorted({row.event_id for row in rows}))
+                query = _claimed_events(self.db.dialect, len(ids))
+                cursor.execute(query.sql, query.params(ids))
+                events = {ev[0]: ev for ev in cursor.fetchall()}  # id, name, headers, body
+            finally:
+                cursor.close()
         claimed = []
         for row in rows:
-            ev = events[row.event_id]
+            _, name, headers, body = events[row.event_id]
             claimed.append(ClaimedRun(
                 id=row.id, flow=row.flow, attempt=row.attempt, max_attempts=row.max_attempts,
                 trigger=row.trigger, event_id=row.event_id, execution=row.executions,
-                event=Event(name=ev.name, body=bytes(ev.body), headers=json.loads(ev.headers),
+                event=Event(name=name, body=bytes(body), headers=json.loads(headers),
                             idempotency_key=row.idempotency_key or row.id, trigger=row.trigger),
             ))
         return claimed

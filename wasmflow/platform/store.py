@@ -149,7 +149,8 @@ def _stored_keys(dialect: sa.Dialect, n: int) -> DriverStatement:
         dialect)
 
 
-def _insert_many(cursor: Any, dialect: sa.Dialect, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+def insert_many(cursor: Any, dialect: sa.Dialect, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT `rows` (dicts with the same keys) on a driver cursor, with a statement compiled once."""
     if rows:
         statement = _insert(dialect, table, tuple(rows[0]))
         cursor.executemany(statement.sql, [statement.params(row) for row in rows])
@@ -188,9 +189,9 @@ def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
         if fresh:
             take_write_turn(raw)
             now = time.time()
-            _insert_many(cursor, dialect, events_table, [event_row(e) for e in fresh])
-            _insert_many(cursor, dialect, runs_table, [run_row(r, e.id, now) for e in fresh for r in e.runs])
-            _insert_many(cursor, dialect, attempts_table, _claimed_rows(fresh, now))
+            insert_many(cursor, dialect, events_table, [event_row(e) for e in fresh])
+            insert_many(cursor, dialect, runs_table, [run_row(r, e.id, now) for e in fresh for r in e.runs])
+            insert_many(cursor, dialect, attempts_table, _claimed_rows(fresh, now))
             if any(e.runs for e in fresh) and dialect.name == "postgresql":
                 cursor.execute(NOTIFY_NEW_RUNS)
         cursor.close()

@@ -40,6 +40,8 @@ class DriverStatement:
                  **compile_kw: Any) -> None:
         compiled = statement.compile(dialect=dialect, **compile_kw)
         self.sql = str(compiled)
+        if "POSTCOMPILE" in self.sql:  # an expanding IN list is rendered per execution, by SQLAlchemy
+            raise ValueError("DriverStatement: give an IN list one bound value per item, not a Python list")
         self._order = tuple(compiled.positiontup) if compiled.positional else None
         # the values the statement carries itself (`column == "text"`), then the caller's defaults
         fixed = {name: bind.value for name, bind in compiled.binds.items() if not bind.required}
