@@ -318,6 +318,10 @@ def test_sigterm_releases_claimed_runs_unstarted_and_lets_running_ones_finish(se
 
 @pytest.mark.timeout(180)
 def test_sigterm_cuts_runs_past_the_grace_period_and_they_run_again_as_a_new_execution(served):
+    # Guests that sleep 4 s, not 1: the runs must still be running when the grace period ends, and a
+    # `wasmflow worker` (niced) on a loaded machine can take over a second to act on SIGTERM.
+    write_wat(served.directory / "slow.wasm", MARK_AND_SLEEP_WAT.replace(f"(i64.const {SLEEP_NS})",
+                                                                          f"(i64.const {4 * SLEEP_NS})"))
     ids = enqueue(served.db, 4, flow="slow")
     proc = served.start(grace=0.1)
     try:

@@ -1,0 +1,64 @@
+"""Statements on the driver's own cursor (wasmflow/storage/driver.py), on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from wasmflow.platform.store import NewEvent, NewRun, record_events
+from wasmflow.storage import open_database
+from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots
+from wasmflow.storage.schema import events_table, runs_table
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> sa.Engine:
+    url = f"sqlite:///{tmp_path / 'w.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    engine = open_database(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 100])
+def test_in_slots_pads_to_a_power_of_two_with_the_last_value(n: int) -> None:
+    values = [f"v{i}" for i in range(n)]
+    slots = in_slots(values)
+    assert len(slots) & (len(slots) - 1) == 0 and n <= len(slots) < 2 * n
+    assert list(slots.values())[:n] == values and set(list(slots.values())[n:]) <= {values[-1]}
+    assert list(slots) == [f"k{i}" for i in range(len(slots))]
+
+
+def test_a_statement_keeps_the_values_it_carries(db: sa.Engine) -> None:
+    e = events_table
+    stored = record_events(db, [NewEvent(source="github", name="push", headers={}, body=b"{}", status=s, dedupe_key=k)
+                                for s, k in (("accepted", "a"), ("ignored", "b"), ("accepted", "c"))])
+    # `status == "accepted"` is a value of the statement itself; k0.. come from the caller, padded
+    query = DriverStatement(sa.select(e.c.id).where(e.c.status == "accepted",
+                                                    e.c.id.in_([sa.bindparam(f"k{i}") for i in range(4)])), db.dialect)
+    with driver_transaction(db) as raw:
+        cursor = raw.cursor()
+        cursor.execute(query.sql, query.params(in_slots([r.event_id for r in stored])))
+        found = {row[0] for row in cursor.fetchall()}
+        cursor.close()
+    assert found == {stored[0].event_id, stored[2].event_id}
+
+
+def test_an_expanding_in_list_is_refused(db: sa.Engine) -> None:
+    with pytest.raises(ValueError, match="one bound value per item"):
+        DriverStatement(sa.select(runs_table.c.id).where(runs_table.c.flow.in_(["a", "b"])), db.dialect)
+
+
+def test_duplicates_are_found_whatever_the_batch_size(db: sa.Engine) -> None:
+    first = record_events(db, [NewEvent(source="github", name="push", headers={}, body=b"{}", status="accepted",
+                                        dedupe_key=f"github:{i}", runs=[NewRun(flow="f", trigger="github")])
+                               for i in range(3)])
+    # 5 keys (padded to 8), two stored before, one twice in the batch
+    again = record_events(db, [NewEvent(source="github", name="push", headers={}, body=b"{}", status="accepted",
+                                        dedupe_key=f"github:{i}", runs=[NewRun(flow="f", trigger="github")])
+                               for i in (1, 2, 7, 8, 7)])
+    assert [r.duplicate for r in again] == [True, True, False, False, True]
+    assert again[0].event_id == first[1].event_id and again[4].event_id == again[2].event_id
+    with db.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(runs_table)).scalar() == 5
