@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from wasmflow.platform.store import NewEvent, NewRun, record_events
 from wasmflow.storage import open_database
-from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots
+from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.schema import events_table, runs_table
 
 
@@ -36,7 +36,7 @@ def test_a_statement_keeps_the_values_it_carries(db: sa.Engine) -> None:
                                 for s, k in (("accepted", "a"), ("ignored", "b"), ("accepted", "c"))])
     # `status == "accepted"` is a value of the statement itself; k0.. come from the caller, padded
     query = DriverStatement(sa.select(e.c.id).where(e.c.status == "accepted",
-                                                    e.c.id.in_([sa.bindparam(f"k{i}") for i in range(4)])), db.dialect)
+                                                    e.c.id.in_(slot_params(4))), db.dialect)
     with driver_transaction(db) as raw:
         cursor = raw.cursor()
         cursor.execute(query.sql, query.params(in_slots([r.event_id for r in stored])))

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import sqlalchemy as sa
 
-from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots
+from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.schema import runs_table
 
 log = logging.getLogger("wasmflow.cancel")
@@ -83,7 +83,7 @@ def cancel_marks(db: sa.Engine, run_ids: list[str]) -> dict[str, str]:
 def _marks_query(dialect: sa.Dialect, n: int) -> DriverStatement:
     r = runs_table
     return DriverStatement(sa.select(r.c.id, r.c.cancelled_by).where(
-        r.c.id.in_([sa.bindparam(f"k{i}") for i in range(n)]), r.c.cancel_requested_at.is_not(None)), dialect)
+        r.c.id.in_(slot_params(n)), r.c.cancel_requested_at.is_not(None)), dialect)
 
 
 class CancelWatcher:

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
 from wasmflow.host_functions.spec import Event
-from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots
+from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.storage.sqlite_writes import take_write_turn
 from wasmflow.platform.cancel import CancelResult, cancel_reason, notify_cancel
@@ -60,7 +60,7 @@ class ClaimedRun:
 
 
 class _ClaimedRow(NamedTuple):
-    """A row of `Queue._claimed_columns`, as the claim's RETURNING gives it."""
+    """What a claim's RETURNING gives for each run (`Queue._claimed_columns` are these columns)."""
 
     id: str
     event_id: str
@@ -78,7 +78,7 @@ def _claimed_events(dialect: sa.Dialect, n: int) -> DriverStatement:
     """The events of claimed runs, `n` ids (`in_slots`): id, name, headers, body."""
     e = events_table
     return DriverStatement(sa.select(e.c.id, e.c.name, e.c.headers, e.c.body).where(
-        e.c.id.in_([sa.bindparam(f"k{i}") for i in range(n)])), dialect)
+        e.c.id.in_(slot_params(n))), dialect)
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,7 @@ class Queue:
         with self.db.begin() as conn:
             return admit(conn, self.governed, self.clock())
 
-    _claimed_columns = (runs_table.c.id, runs_table.c.event_id, runs_table.c.flow, runs_table.c.attempt,
-                        runs_table.c.max_attempts, runs_table.c.trigger, runs_table.c.idempotency_key,
-                        runs_table.c.executions, runs_table.c.available_at)
+    _claimed_columns = tuple(runs_table.c[name] for name in _ClaimedRow._fields)
 
     def _claim_statement(self) -> DriverStatement:
         """`claim`'s UPDATE of due runs, built and compiled once per set of governed flows (its bind
@@ -169,7 +167,7 @@ class Queue:
         where: list[sa.ColumnElement[bool]] = [r.c.state == QUEUED, r.c.available_at <= now]
         limited = [name for name, p in self.governed.items() if p.limit is not None]
         if self.governed:  # not admitted yet, or under a per-key limit (claimed by `claim_limited`): not here
-            # one bound value per name, not an expanding list: the statement is compiled once, values in
+            # each name a bound value of its own: a DriverStatement takes no expanding list
             governed, unlimited_only = ([sa.literal(n) for n in names] for names in (self.governed, limited or [""]))
             where.append(sa.or_(r.c.flow.not_in(governed),
                                 sa.and_(r.c.concurrency_key.is_not(None), r.c.flow.not_in(unlimited_only))))
@@ -400,7 +398,7 @@ class Queue:
         if statement is None:
             r = runs_table
             query = sa.select(r.c.id, r.c.cancelled_by, r.c.cancel_requested_at).where(
-                r.c.id.in_([sa.bindparam(f"k{i}") for i in range(n)]), r.c.lease_owner == self.owner,
+                r.c.id.in_(slot_params(n)), r.c.lease_owner == self.owner,
                 r.c.state == RUNNING)
             if self.postgres:
                 query = query.with_for_update()

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.platform.notify import NOTIFY_NEW_RUNS, notify_new_runs
-from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots
+from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.sqlite_writes import take_write_turn
 
 log = logging.getLogger("wasmflow.store")
@@ -145,7 +145,7 @@ def _stored_keys(dialect: sa.Dialect, n: int) -> DriverStatement:
     """The SELECT of the stored events among `n` dedupe keys (`n` a power of two: see `in_slots`)."""
     e = events_table
     return DriverStatement(
-        sa.select(e.c.dedupe_key, e.c.id).where(e.c.dedupe_key.in_([sa.bindparam(f"k{i}") for i in range(n)])),
+        sa.select(e.c.dedupe_key, e.c.id).where(e.c.dedupe_key.in_(slot_params(n))),
         dialect)
 
 

@@ -216,8 +216,8 @@ def _upsert(dialect: str) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _upsert_statement(dialect: sa.Dialect) -> DriverStatement:
-    return DriverStatement(_upsert(dialect.name), dialect)
+def _upsert_statement(dialect: sa.Dialect, columns: tuple[str, ...]) -> DriverStatement:
+    return DriverStatement(_upsert(dialect.name), dialect, column_keys=list(columns))
 
 
 def save_many(db: sa.Engine, docs: list[dict[str, Any]]) -> list[int]:
@@ -229,7 +229,7 @@ def save_many(db: sa.Engine, docs: list[dict[str, Any]]) -> list[int]:
     rows = [_row(doc) for doc in docs]
     if not rows:
         return []
-    upsert = _upsert_statement(db.dialect)
+    upsert = _upsert_statement(db.dialect, tuple(rows[0]))
     with driver_transaction(db) as raw:
         take_write_turn(raw)
         cursor = raw.cursor()

@@ -60,3 +60,8 @@ def in_slots(values: list[Any], prefix: str = "k") -> dict[str, Any]:
     twice in an IN list selects nothing more."""
     slots = 1 << (len(values) - 1).bit_length()
     return {f"{prefix}{i}": values[min(i, len(values) - 1)] for i in range(slots)}
+
+
+def slot_params(n: int, prefix: str = "k") -> list[sa.BindParameter[Any]]:
+    """The bound parameters `{prefix}0..{prefix}{n-1}` of an IN list that `in_slots` fills."""
+    return [sa.bindparam(f"{prefix}{i}") for i in range(n)]
