@@ -1,5 +1,6 @@
 """The driver's own cursor, for the hot paths: statements compiled once by SQLAlchemy, run without its
-per-execution work. Used by the ingress writer, the queue's finish and cancel polls and kv's increment.
+per-execution work. Used by the ingress writer, the queue's claims, results and cancel polls, the
+transcripts and kv's increment.
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ def driver_transaction(db: sa.Engine) -> Iterator[Any]:
         raise
     finally:
         raw.close()
+
+
+@contextlib.contextmanager
+def driver_autocommit(db: sa.Engine) -> Iterator[Any]:
+    """A pooled connection's own DBAPI connection whose statements commit themselves (PostgreSQL's
+    autocommit: one round trip for a one-statement write, no COMMIT after it); given back to the pool
+    as it was found. For SQLite, whose writes need the write turn, use `driver_transaction`."""
+    raw = db.raw_connection()
+    driver = raw.dbapi_connection
+    try:
+        driver.autocommit = True
+        yield raw
+    finally:
+        try:
+            driver.autocommit = False
+        finally:
+            raw.close()
 
 
 class DriverStatement:
