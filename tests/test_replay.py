@@ -270,3 +270,21 @@ def test_list_transcripts_filters_by_flow_and_time(tmp_path: Path, guest_wasm: d
         assert list_transcripts(rt.db, flow="hello", since=listed[0].doc["started_at"] + 1) == []
     finally:
         rt.close()
+
+
+def test_the_transcript_names_the_build_the_run_loaded(tmp_path: Path, engine_name: str) -> None:
+    # A rebuild while the process still runs the module it loaded (`wasmflow dev`, a deploy): the
+    # transcript must record the digest of what ran, not of the file as it is when stored.
+    import hashlib
+
+    wasm = write_wat(tmp_path / "g.wasm", kv_wat("alpha"))
+    loaded = hashlib.sha256(wasm.read_bytes()).hexdigest()
+    rt = make(tmp_path, wasm, engine_name, allow=Allow(kv=True))
+    try:
+        record(rt, "g", Event("push"))  # loads the module
+        write_wat(wasm, kv_wat("omega"))  # the file changes; the runtime keeps the module it loaded
+        _, transcript = record(rt, "g", Event("push"))
+    finally:
+        rt.close()
+    assert hashlib.sha256(wasm.read_bytes()).hexdigest() != loaded
+    assert transcript.doc["module_sha256"] == loaded

@@ -111,6 +111,7 @@ class RunRequest:
 class LoadedModule(Protocol):
     flow_name: str
     path: Path
+    sha256: str  # of the bytes loaded: the build a run ran, even if the file has been rebuilt since
 
 
 class Engine(Protocol):

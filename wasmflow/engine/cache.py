@@ -12,7 +12,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 _DIGEST = 32
 
@@ -21,27 +21,34 @@ class ModuleCache:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
 
-    def entry(self, wasm: bytes) -> Path:
-        return self.directory / (hashlib.sha256(wasm).hexdigest() + ".bin")
+    def entry(self, wasm: bytes, digest: Optional[str] = None) -> Path:
+        """The entry of `wasm`; `digest` is its SHA-256 in hex when the caller has it already."""
+        return self.directory / ((digest or module_sha256(wasm)) + ".bin")
 
-    def get_or_compile(self, wasm: bytes, compile_: Callable[[], bytes]) -> tuple[bytes, bool]:
+    def get_or_compile(self, wasm: bytes, compile_: Callable[[], bytes],
+                       digest: Optional[str] = None) -> tuple[bytes, bool]:
         """(compiled bytes, whether they came from the cache)."""
-        path = self.entry(wasm)
+        path = self.entry(wasm, digest)
         try:
             blob = path.read_bytes()
-            digest, body = blob[:_DIGEST], blob[_DIGEST:]
-            if len(blob) > _DIGEST and hashlib.sha256(body).digest() == digest:
+            body_digest, body = blob[:_DIGEST], blob[_DIGEST:]
+            if len(blob) > _DIGEST and hashlib.sha256(body).digest() == body_digest:
                 return body, True
         except OSError:
             pass
-        return self.replace(wasm, compile_()), False
+        return self.replace(wasm, compile_(), digest), False
 
-    def replace(self, wasm: bytes, body: bytes) -> bytes:
+    def replace(self, wasm: bytes, body: bytes, digest: Optional[str] = None) -> bytes:
         """Store `body` as the compiled form of `wasm` (over an entry the engine could not use)."""
-        path = self.entry(wasm)
+        path = self.entry(wasm, digest)
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
         with os.fdopen(fd, "wb") as out:
             out.write(hashlib.sha256(body).digest() + body)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the new, never half
         return body
+
+
+def module_sha256(wasm: bytes) -> str:
+    """A module's SHA-256 in hex: its cache key, and what a transcript records of the build it ran."""
+    return hashlib.sha256(wasm).hexdigest()

@@ -75,7 +75,7 @@ from wasmflow.host_functions.spec import BoundedMemory, Call, Code, Halt, HostEr
 
 from . import wasmedge_capi as capi
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
-from .cache import ModuleCache
+from .cache import ModuleCache, module_sha256
 from .module_shape import ModuleShape, ModuleShapeError, cap_tables, inspect
 from .outcome import CappedBuffer, classify_failure
 from .wasmedge_capi import WASM_PAGE, WasmEdgeUnavailable
@@ -327,6 +327,7 @@ class WasmEdgeModule:
     mode: str  # "interpreter" or "aot"
     from_cache: bool
     shape: ModuleShape
+    sha256: str  # of the bytes loaded (LoadedModule)
     _wasm: bytes = field(default=b"", repr=False)
     _asts: dict[int, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -514,14 +515,15 @@ class WasmEdgeEngine:
         if refusal:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {refusal}")
         code, from_cache = wasm, False
+        digest = module_sha256(wasm)
         if self.mode == "aot":
             # Validate first, so an invalid module gets the interpreter's error and is never compiled.
             self.lib.WasmEdge_ASTModuleDelete(self._parse(wasm, flow_name, path))
-            code, from_cache = self.cache.get_or_compile(wasm, lambda: self._compile(wasm, flow_name, path))
+            code, from_cache = self.cache.get_or_compile(wasm, lambda: self._compile(wasm, flow_name, path), digest)
         ast = self._parse(code, flow_name, path)
         try:
             self._link_check(ast, flow_name, path)
-            module = WasmEdgeModule(flow_name, path, self.mode, from_cache, shape, wasm, {_AS_WRITTEN: ast})
+            module = WasmEdgeModule(flow_name, path, self.mode, from_cache, shape, digest, wasm, {_AS_WRITTEN: ast})
         except BaseException:
             self.lib.WasmEdge_ASTModuleDelete(ast)
             raise

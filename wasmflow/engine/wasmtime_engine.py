@@ -38,7 +38,7 @@ from wasmflow.host_functions.config import wasi_env
 from wasmflow.host_functions.spec import BoundedMemory, Call, Code, Halt, HostFunction, RunContext, invoke
 
 from .base import ModuleError, RunRequest, RunResult, Status, read_module
-from .cache import ModuleCache
+from .cache import ModuleCache, module_sha256
 from .module_shape import MAX_TABLES, ModuleShape, ModuleShapeError, inspect
 from .outcome import CappedBuffer, classify_failure
 
@@ -206,6 +206,7 @@ class WasmtimeModule:
     pre: Any  # wasmtime.InstancePre
     from_cache: bool
     shape: ModuleShape
+    sha256: str  # of the bytes loaded (LoadedModule)
 
 
 class WasmtimeEngine:
@@ -259,11 +260,12 @@ class WasmtimeEngine:
         refusal = shape.refusal()
         if refusal:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {refusal}")
-        serialized, from_cache = self.cache.get_or_compile(wasm, compile_)
+        digest = module_sha256(wasm)
+        serialized, from_cache = self.cache.get_or_compile(wasm, compile_, digest)
         try:
             module = wasmtime.Module.deserialize(self.engine, serialized)
         except wasmtime.WasmtimeError:  # compiled under another engine configuration: compile afresh
-            serialized, from_cache = self.cache.replace(wasm, compile_()), False
+            serialized, from_cache = self.cache.replace(wasm, compile_(), digest), False
             module = wasmtime.Module.deserialize(self.engine, serialized)
         try:
             with self._define_lock:  # the linker is mutated here and read by instantiate_pre
@@ -277,7 +279,7 @@ class WasmtimeEngine:
         if not isinstance(start, wasmtime.FuncType) or start.params or start.results:
             raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
                               "and results (a WASI command's entry point): build it as a WASI command, a bin crate")
-        return WasmtimeModule(flow_name, path, module, pre, from_cache, shape)
+        return WasmtimeModule(flow_name, path, module, pre, from_cache, shape, digest)
 
     def _define_imports(self, imports: tuple[tuple[str, str], ...]) -> None:
         """Define on the linker the host functions among `imports` (a module's, as (module, name)) that

@@ -73,13 +73,15 @@ def module_digest(path: Path) -> Optional[str]:
 
 
 def document(recorder: Recorder, result: Any, module_path: Optional[Path] = None,
-             engine: Optional[str] = None) -> dict[str, Any]:
+             engine: Optional[str] = None, module_sha256: Optional[str] = None) -> dict[str, Any]:
+    """The stored form of a recorded run. `module_sha256` is the digest of the module the run loaded
+    (`LoadedModule.sha256`); without it, the file at `module_path` is hashed as it is now."""
     doc = recorder.document()
     doc["result"] = result_summary(result, recorder.scrub)
     doc["engine"] = engine or getattr(result, "engine", "") or ""
     if module_path is not None:
         doc["module_path"] = str(module_path)
-        doc["module_sha256"] = module_digest(Path(module_path))
+        doc["module_sha256"] = module_sha256 or module_digest(Path(module_path))
     doc["finished_at"] = time.time()
     return doc
 
@@ -312,10 +314,11 @@ class TranscriptWriter:
         self._thread = threading.Thread(target=self._loop, name="wasmflow-transcripts", daemon=True)
         self._thread.start()
 
-    def submit(self, recorder: Recorder, result: Any, module_path: Optional[Path]) -> None:
+    def submit(self, recorder: Recorder, result: Any, module_path: Optional[Path],
+               module_sha256: Optional[str] = None) -> None:
         with self._done:
             self._pending += 1
-        self._queue.put((recorder, result, module_path))
+        self._queue.put((recorder, result, module_path, module_sha256))
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted transcript is stored (or dropped after an error); False on timeout."""
@@ -341,7 +344,8 @@ class TranscriptWriter:
                 except queue.Empty:
                     break
             try:
-                docs = [document(rec, result, path) for rec, result, path in (b for b in batch if b is not None)]
+                docs = [document(rec, result, path, module_sha256=digest)
+                        for rec, result, path, digest in (b for b in batch if b is not None)]
                 save_many(self.db, docs)
             except Exception:  # the store is down or a document is broken: drop the batch, keep serving
                 log.exception("storing %d transcript(s)", len(batch))
@@ -385,15 +389,16 @@ def persist(runtime: Any, result: Any, wait: bool = True) -> Optional[int]:
     if recorder is None:
         return None
     try:
-        module_path = None
+        module_path = digest = None
         try:
-            module_path = runtime.module_for(runtime.flows.flow(recorder.run.flow.name)).path
+            module = runtime.module_for(runtime.flows.flow(recorder.run.flow.name))
+            module_path, digest = module.path, module.sha256
         except Exception:  # the module did not load: the run is `invalid` and its transcript empty
             pass
         if not wait:
-            _writer_for(runtime, capability).submit(recorder, result, module_path)
+            _writer_for(runtime, capability).submit(recorder, result, module_path, digest)
             return 0
-        return save(runtime.db, document(recorder, result, module_path))
+        return save(runtime.db, document(recorder, result, module_path, module_sha256=digest))
     except Exception:  # a transcript that cannot be stored must not fail the run
         log.exception("storing the transcript of run %s", result.run_id)
         return None
