@@ -143,10 +143,10 @@ class KeyValueStore:
         if not I64_MIN <= delta <= I64_MAX:
             raise KvValueError(f"the increment {delta} is outside the 64-bit range")
         params = {"p_flow": flow, "p_key": key, "p_initial": str(delta).encode(), "p_delta": delta, "p_now": time.time()}
-        sqlite = self.db.dialect.name == "sqlite"
+        on_sqlite = self.db.dialect.name == "sqlite"
         # One statement: on SQLite in a transaction with the write turn, on PostgreSQL committing itself.
-        with driver_transaction(self.db) if sqlite else driver_autocommit(self.db) as raw:
-            if sqlite:
+        with driver_transaction(self.db) if on_sqlite else driver_autocommit(self.db) as raw:
+            if on_sqlite:
                 take_write_turn(raw)
             cursor = raw.cursor()
             try:
