@@ -22,10 +22,11 @@ def missing(reason: str) -> None:
     pytest.skip(reason, allow_module_level=True)
 
 
-def absent(reason: str) -> None:
-    """Skip with `reason`, which names hardware or a library that CI does not have either (a GPU,
-    libwasmedge): the one kind of skip that stays a skip under CI."""
-    pytest.skip(reason, allow_module_level=True)
+def skip_unless(present: bool, reason: str) -> None:
+    """Skip with `reason` when a component CI does not have either (a GPU, libwasmedge) is not
+    `present`: the one kind of skip that stays a skip under CI."""
+    if not present:
+        pytest.skip(reason, allow_module_level=True)
 
 
 def need_module(name: str, component: str) -> ModuleType:
@@ -65,13 +66,12 @@ def need_gpu_llama() -> None:
     (CI has neither, so this stays a skip there)."""
     from wasmflow.wasi_nn.ggml_pool import gpu_offload_supported
 
-    if not gpu_offload_supported():
-        absent("needs a GPU and llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
+    skip_unless(gpu_offload_supported(), "needs a GPU and llama-cpp-python built with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")
 
 
 def need_gpu_onnx() -> None:
     """A GPU that ONNX Runtime can use: onnxruntime-gpu with its CUDAExecutionProvider (CI has neither)."""
     import onnxruntime
 
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        absent("needs a GPU and onnxruntime-gpu (CUDAExecutionProvider)")
+    skip_unless("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                "needs a GPU and onnxruntime-gpu (CUDAExecutionProvider)")
