@@ -9,7 +9,6 @@ host, one row per call, which `wasmflow logs` prints and the console shows).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import Any, Optional
 
 import sqlalchemy as sa
 
+from wasmflow.engine.base import LoadedModule
+from wasmflow.engine.cache import module_sha256
 from wasmflow.host_functions.transcript import Entry, Recorder, Scrubber, decode, encode
 from wasmflow.storage.driver import DriverStatement, driver_transaction
 from wasmflow.storage.schema import transcripts_table
@@ -68,20 +69,20 @@ def module_digest(path: Path) -> Optional[str]:
     key = (str(path), st.st_mtime, st.st_size)
     digest = _digests.get(key)
     if digest is None:
-        digest = _digests[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        digest = _digests[key] = module_sha256(Path(path).read_bytes())
     return digest
 
 
-def document(recorder: Recorder, result: Any, module_path: Optional[Path] = None,
-             engine: Optional[str] = None, module_sha256: Optional[str] = None) -> dict[str, Any]:
-    """The stored form of a recorded run. `module_sha256` is the digest of the module the run loaded
-    (`LoadedModule.sha256`); without it, the file at `module_path` is hashed as it is now."""
+def document(recorder: Recorder, result: Any, module: Optional[LoadedModule] = None,
+             engine: Optional[str] = None) -> dict[str, Any]:
+    """The stored form of a recorded run; `module` is the one the run loaded, whose digest names the
+    build it ran (the file may have been rebuilt since)."""
     doc = recorder.document()
     doc["result"] = result_summary(result, recorder.scrub)
     doc["engine"] = engine or getattr(result, "engine", "") or ""
-    if module_path is not None:
-        doc["module_path"] = str(module_path)
-        doc["module_sha256"] = module_sha256 or module_digest(Path(module_path))
+    if module is not None:
+        doc["module_path"] = str(module.path)
+        doc["module_sha256"] = module.sha256
     doc["finished_at"] = time.time()
     return doc
 
@@ -314,11 +315,10 @@ class TranscriptWriter:
         self._thread = threading.Thread(target=self._loop, name="wasmflow-transcripts", daemon=True)
         self._thread.start()
 
-    def submit(self, recorder: Recorder, result: Any, module_path: Optional[Path],
-               module_sha256: Optional[str] = None) -> None:
+    def submit(self, recorder: Recorder, result: Any, module: Optional[LoadedModule]) -> None:
         with self._done:
             self._pending += 1
-        self._queue.put((recorder, result, module_path, module_sha256))
+        self._queue.put((recorder, result, module))
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted transcript is stored (or dropped after an error); False on timeout."""
@@ -344,8 +344,7 @@ class TranscriptWriter:
                 except queue.Empty:
                     break
             try:
-                docs = [document(rec, result, path, module_sha256=digest)
-                        for rec, result, path, digest in (b for b in batch if b is not None)]
+                docs = [document(rec, result, module) for rec, result, module in (b for b in batch if b is not None)]
                 save_many(self.db, docs)
             except Exception:  # the store is down or a document is broken: drop the batch, keep serving
                 log.exception("storing %d transcript(s)", len(batch))
@@ -389,16 +388,15 @@ def persist(runtime: Any, result: Any, wait: bool = True) -> Optional[int]:
     if recorder is None:
         return None
     try:
-        module_path = digest = None
+        module = None
         try:
             module = runtime.module_for(runtime.flows.flow(recorder.run.flow.name))
-            module_path, digest = module.path, module.sha256
         except Exception:  # the module did not load: the run is `invalid` and its transcript empty
             pass
         if not wait:
-            _writer_for(runtime, capability).submit(recorder, result, module_path, digest)
+            _writer_for(runtime, capability).submit(recorder, result, module)
             return 0
-        return save(runtime.db, document(recorder, result, module_path, module_sha256=digest))
+        return save(runtime.db, document(recorder, result, module))
     except Exception:  # a transcript that cannot be stored must not fail the run
         log.exception("storing the transcript of run %s", result.run_id)
         return None
