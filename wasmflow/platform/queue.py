@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from wasmflow.platform.concurrency import Admission
 
 _RUN_REF = re.compile(r"[0-9A-Za-z]{1,64}")
-_RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"  # PostgreSQL: see Queue._relaxed_commit
 
 # A run whose worker vanished this many times is dead: a guest that takes its host process down (an
 # out-of-memory kill, say) must not take down every worker in turn forever.
@@ -198,51 +197,28 @@ class Queue:
             return runs_table.c.id == picked.c.id
         return runs_table.c.id.in_(query.scalar_subquery())
 
-    def _relaxed_commit(self, conn: sa.Connection) -> None:
+    def _relaxed_commit(self, cursor: Any) -> None:
         """PostgreSQL: do not wait for the WAL flush when committing a claim or a result.
 
         Only a crash of the database server itself can lose such a commit, and losing one is safe in an
         at-least-once queue: a lost claim leaves the run queued, a lost result leaves it running until its
         lease expires, and either way it runs again. Events (what was acknowledged) keep full durability.
         """
-        if self.postgres:
-            conn.execute(sa.text(_RELAXED_COMMIT))
+        if self.postgres:  # on the transaction's own DBAPI cursor, first
+            cursor.execute("SET LOCAL synchronous_commit = off")
 
     def claim(self, limit: int) -> list[ClaimedRun]:
         """Take up to `limit` due runs: lease them, count the attempt, and return them with their event."""
         if limit <= 0:
             return []
         now = self.clock()
-        r = runs_table
-        limited = [name for name, p in self.governed.items() if p.limit is not None]
         with self.db.begin() as conn:
-            self._relaxed_commit(conn)
-            rows: list[Any] = []
-            if limited:
-                from wasmflow.platform.concurrency import claim_limited
-
-                ids = claim_limited(conn, self.governed, now, limit)
-                if ids:
-                    # Stamped after the count: a run of the key that finished just before is then seen to
-                    # have ended before this one started, in the intervals the store keeps.
-                    rows += conn.execute(
-                        r.update().where(r.c.id.in_(ids), r.c.state == QUEUED)
-                        .values(**self._lease(started_at=max(now, self.clock())))
-                        .returning(*self._claimed_columns),
-                        {"c_expires": now + self.lease_seconds}).all()
-            # The rest on the driver's cursor, in the same transaction: the claim runs once per batch of
-            # runs, and SQLAlchemy's execution of it took the claim thread more time than the database.
-            raw = conn.connection.dbapi_connection
-            take_write_turn(raw)
-            cursor = raw.cursor()
+            # Most of the claim goes through the driver's cursor, in this transaction: the claim runs once
+            # per batch of runs, and SQLAlchemy's execution of it took the claim thread more time than the
+            # database. The branch for per-key limits stays on SQLAlchemy.
+            cursor = conn.connection.dbapi_connection.cursor()
             try:
-                if len(rows) < limit:
-                    claim = self._claim_statement()
-                    cursor.execute(claim.sql, claim.params(
-                        {"c_now": now, "c_limit": limit - len(rows), "c_expires": now + self.lease_seconds}))
-                    rows += [_ClaimedRow(*row) for row in cursor.fetchall()]
-                # RETURNING follows no ORDER BY: hand the runs out in their queue order.
-                rows.sort(key=lambda row: row.available_at)
+                rows = self._claim_rows(conn, cursor, now, limit)
                 if not rows:
                     return []
                 insert_many(cursor, self.db.dialect, attempts_table, [
@@ -263,6 +239,35 @@ class Queue:
                             idempotency_key=row.idempotency_key or row.id, trigger=row.trigger),
             ))
         return claimed
+
+    def _claim_rows(self, conn: sa.Connection, cursor: Any, now: float, limit: int) -> list[Any]:
+        """Lease up to `limit` due runs in `conn`'s transaction: runs of limited keys first (SQLAlchemy),
+        then the others (on `cursor`, the transaction's DBAPI cursor); rows of `_claimed_columns`, in
+        queue order."""
+        r = runs_table
+        self._relaxed_commit(cursor)
+        rows: list[Any] = []
+        if any(p.limit is not None for p in self.governed.values()):
+            from wasmflow.platform.concurrency import claim_limited
+
+            ids = claim_limited(conn, self.governed, now, limit)
+            if ids:
+                # Stamped after the count: a run of the key that finished just before is then seen to
+                # have ended before this one started, in the intervals the store keeps.
+                rows += conn.execute(
+                    r.update().where(r.c.id.in_(ids), r.c.state == QUEUED)
+                    .values(**self._lease(started_at=max(now, self.clock())))
+                    .returning(*self._claimed_columns),
+                    {"c_expires": now + self.lease_seconds}).all()
+        take_write_turn(cursor.connection)
+        if len(rows) < limit:
+            claim = self._claim_statement()
+            cursor.execute(claim.sql, claim.params(
+                {"c_now": now, "c_limit": limit - len(rows), "c_expires": now + self.lease_seconds}))
+            rows += [_ClaimedRow(*row) for row in cursor.fetchall()]
+        # RETURNING follows no ORDER BY: hand the runs out in their queue order.
+        rows.sort(key=lambda row: row.available_at)
+        return rows
 
     def cancel(self, run_id: str, by: str) -> CancelResult:
         """Cancel a run (by id, or a unique prefix of 6+ characters): at once if it has not started,
@@ -347,8 +352,7 @@ class Queue:
         with driver_transaction(self.db) as raw:
             cursor = raw.cursor()
             try:
-                if self.postgres:
-                    cursor.execute(_RELAXED_COMMIT)
+                self._relaxed_commit(cursor)
                 ids = in_slots([o.run.id for o in outcomes])
                 owned_query = self._owned_query(len(ids))
                 cursor.execute(owned_query.sql, owned_query.params(ids))
