@@ -113,6 +113,19 @@ def test_deeply_nested_webhook_json_is_400_saying_why(server: ServerThread) -> N
     assert requests.get(f"{server.base}/healthz", timeout=5).status_code == 200
 
 
+def test_the_depth_check_counts_nesting_not_brackets() -> None:
+    """`json_too_deep` skips its scan when a body has no more openings than the limit: at the limit
+    either way, one past it found, brackets in strings never counted as nesting."""
+    from wasmflow.platform.ingress import json_too_deep
+
+    def deep(n: int) -> bytes:
+        return b"[" * n + b"]" * n
+
+    assert not json_too_deep(deep(MAX_JSON_DEPTH)) and json_too_deep(deep(MAX_JSON_DEPTH + 1))
+    assert not json_too_deep(json.dumps(["[" * 500, "{" * 500]).encode())  # 1,000 openings, depth 1
+    assert json_too_deep(b'{"a": "[{", "b": ' + deep(MAX_JSON_DEPTH) + b"}")  # 65 deep, text with brackets
+
+
 # -- (b) slow and short clients ----------------------------------------------------------------------
 
 def raw(server: ServerThread) -> socket.socket:

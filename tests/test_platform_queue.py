@@ -204,6 +204,37 @@ def test_schema_is_versioned_and_a_newer_schema_is_refused(db):
         dbmod.migrate(db)
 
 
+def test_version_5_drops_the_indexes_others_serve_and_lookups_still_use_one(db):
+    """A delivery id is found through the unique dedupe key, a run's event through the unique
+    (event_id, flow, seq): the two single-column indexes that duplicated them go, on a fresh database
+    and on an older one, and the lookups they served still read an index, not the whole table."""
+    def indexes() -> set[str]:
+        inspector = sa.inspect(db)
+        return {ix["name"] for table in ("runs", "events") for ix in inspector.get_indexes(table)}
+
+    assert not set(dbmod.REDUNDANT_INDEXES) & indexes()
+    with db.begin() as conn:  # make it a version-4 database, which had them
+        conn.execute(sa.text("CREATE INDEX ix_events_delivery_id ON events (delivery_id)"))
+        conn.execute(sa.text("CREATE INDEX ix_runs_event_id ON runs (event_id)"))
+        conn.execute(dbmod.schema_version_table.delete())
+        conn.execute(dbmod.schema_version_table.insert().values(version=4, applied_at=0.0))
+    assert set(dbmod.REDUNDANT_INDEXES) <= indexes()
+    assert dbmod.migrate(db) == dbmod.SCHEMA_VERSION
+    assert not set(dbmod.REDUNDANT_INDEXES) & indexes()
+
+    (run_id,) = enqueue(db, delivery="d-5")
+    from wasmflow.platform.store import find_event_by_delivery
+    event = find_event_by_delivery(db, "d-5")
+    assert event is not None and event.delivery_id == "d-5" and find_event_by_delivery(db, "d-6") is None
+    assert scalar(db, "SELECT id FROM runs WHERE event_id = :e", e=event.id) == run_id
+    if db.dialect.name == "sqlite":  # PostgreSQL's planner scans tables this small whatever the indexes
+        with db.connect() as conn:
+            for query in ("SELECT * FROM events WHERE dedupe_key = 'github:d-5'",
+                          f"SELECT * FROM runs WHERE event_id = '{event.id}'"):
+                plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + query))
+                assert "USING INDEX" in plan, (query, plan)
+
+
 def test_pending_migrations_run_once_in_order(tmp_path, monkeypatch):
     engine = open_database(f"sqlite:///{tmp_path / 'm.db'}")
     applied = []

@@ -104,7 +104,7 @@ class Platform:
             self.dispatcher = Dispatcher(runtime, self.queue, self.metrics, concurrency=self.options.workers,
                                          poll_interval=self.options.poll_interval, yield_to=self.ack_first)
         wake = self.dispatcher.wake if self.dispatcher else None
-        self.writer = BatchWriter(self.db, on_commit=wake)
+        self.writer = BatchWriter(self.db, on_commit=wake, inline=self.db.dialect.name == "sqlite")
         self.scheduler = Scheduler(self.db, runtime.flows, self.metrics, on_enqueue=wake)
         self.run_pool = ThreadPoolExecutor(max_workers=max(2, self.options.workers), thread_name_prefix="wasmflow-http")
         self.db_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wasmflow-db")

@@ -40,7 +40,7 @@ from wasmflow.platform.executor import execute, report
 from wasmflow.platform.matching import GithubEventInfo, match_github
 from wasmflow.platform.metrics import CONTENT_TYPE_LATEST, Metrics
 from wasmflow.platform.queue import ClaimedRun, Finish, Outcome, Queue
-from wasmflow.platform.store import RUNNING, BatchWriter, NewEvent, NewRun, queue_depth
+from wasmflow.platform.store import RUNNING, BatchWriter, NewEvent, NewRun, github_dedupe_key, queue_depth
 from wasmflow.runtime import Runtime
 
 log = logging.getLogger("wasmflow.ingress")
@@ -82,6 +82,8 @@ def json_too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     this looks first: strings removed (brackets in them are text), only brackets kept, then one pass per
     level deletes the innermost `[]`/`{}` pairs. Text that is not JSON at all is left to the parser.
     """
+    if data.count(b"[") + data.count(b"{") <= limit:  # no deeper than it has openings (in C, no copy)
+        return False
     brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     for _ in range(limit):
         if not brackets:
@@ -235,7 +237,7 @@ class Ingress:
         flows = self.runtime.flows
         matched = match_github(flows, info)
         event = NewEvent(
-            source="github", name=name, action=info.action, repo=info.repo, dedupe_key=f"github:{delivery}",
+            source="github", name=name, action=info.action, repo=info.repo, dedupe_key=github_dedupe_key(delivery),
             delivery_id=delivery, headers={k.lower(): v for k, v in request.headers.items()}, body=payload_bytes,
             status="accepted" if matched else "ignored",
             note=None if matched else f"no flow takes {info.qualified}" + (f" on {info.repo}" if info.repo else ""),

@@ -156,9 +156,11 @@ def insert_many(cursor: Any, dialect: sa.Dialect, table: sa.Table, rows: list[di
         cursor.executemany(statement.sql, [statement.params(row) for row in rows])
 
 
-def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
+def record_events(db: sa.Engine, events: list[NewEvent], wait: Optional[float] = None) -> list[Recorded]:
     """Store many events and their runs in one transaction of their own (the ingress fast path), and
     tell listening workers when runs were stored; on the driver's connection (`DriverStatement`).
+    `wait`: on SQLite, how long the write may wait for a lock (WriteTurnBusy or "database is locked"
+    past it; see `take_write_turn`); None: the connection's busy timeout.
 
     Duplicates (a dedupe key already stored, or twice in the batch) are found with one SELECT first. A
     concurrent writer can still insert the same key between that SELECT and the INSERT (several ingress
@@ -187,7 +189,7 @@ def record_events(db: sa.Engine, events: list[NewEvent]) -> list[Recorded]:
             fresh.append(event)
             results.append(Recorded(event_id=event.id, duplicate=False, run_ids=tuple(r.id for r in event.runs)))
         if fresh:
-            take_write_turn(raw)
+            take_write_turn(raw, wait)
             now = time.time()
             insert_many(cursor, dialect, events_table, [event_row(e) for e in fresh])
             insert_many(cursor, dialect, runs_table, [run_row(r, e.id, now) for e in fresh for r in e.runs])
@@ -229,6 +231,13 @@ def _settle(settled: list[tuple[Any, Any, bool]]) -> None:
                 future.set_result(value)
 
 
+# How long the event loop may wait for the write turn before it hands a batch to the writer thread. The
+# other writers' transactions (a claim, a result, a kv call, the thread's own batch) take about a
+# millisecond; with no wait at all, half the batches of a burst went to the thread (which then held the
+# turn for the next one), and the handovers the inline write saves came back.
+INLINE_WAIT = 0.005
+
+
 class BatchWriter:
     """Group commit for events: callers submit, one thread writes whatever is waiting in one transaction.
 
@@ -237,12 +246,24 @@ class BatchWriter:
     coroutine, and the whole batch's asyncio futures are settled with one call into their loop (one wake-up
     of the loop per batch, not one per event). `on_commit` is called after each batch that created runs
     (the in-process dispatcher's wake-up).
+
+    `inline` (SQLite): what the event loop's handlers submit in one pass of the loop is written by the
+    loop itself, right after that pass, when no other writer has the turn; otherwise, and on any error,
+    the batch goes to the thread as usual. Why: the thread and the loop handed the interpreter to each
+    other twice a batch, and each handover made the loop wait for it; storing a batch of deliveries on
+    SQLite takes a few milliseconds the senders wait for anyway. A write on the loop waits at most
+    `INLINE_WAIT` for a lock (`record_events(wait=...)`), so another writer, or another process holding
+    the file, cannot stall the loop for longer (docs/control-plane.md has the measurements).
+    PostgreSQL keeps the thread: there a write is network round trips, time the loop can serve others in.
     """
 
-    def __init__(self, db: sa.Engine, max_batch: int = 256, on_commit: Optional[Any] = None) -> None:
+    def __init__(self, db: sa.Engine, max_batch: int = 256, on_commit: Optional[Any] = None,
+                 inline: bool = False) -> None:
         self.db = db
         self.max_batch = max_batch
         self.on_commit = on_commit
+        self.inline = inline
+        self._pending: list[tuple[NewEvent, _Waiter]] = []  # submitted on the loop, to write after its pass
         self._queue: queue_mod.Queue[Optional[tuple[NewEvent, _Waiter]]] = queue_mod.Queue()
         self._thread = threading.Thread(target=self._loop, name="wasmflow-writer", daemon=True)
         self._thread.start()
@@ -256,10 +277,34 @@ class BatchWriter:
         """From a coroutine: an awaitable that resolves once the event is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Recorded] = loop.create_future()
-        self._queue.put((event, _Waiter(future, loop)))
+        item = (event, _Waiter(future, loop))
+        if not self.inline:
+            self._queue.put(item)
+        else:
+            if not self._pending:  # after the handlers that are ready now have submitted theirs
+                loop.call_soon(self._write_pending)
+            self._pending.append(item)
         return future
 
+    def _write_pending(self) -> None:
+        """On the event loop: store what its handlers submitted, if that needs no waiting for a lock."""
+        batch, self._pending = self._pending, []
+        for start in range(0, len(batch), self.max_batch):
+            part = batch[start:start + self.max_batch]
+            try:
+                results = record_events(self.db, [event for event, _ in part], wait=INLINE_WAIT)
+            except Exception as exc:  # the turn is taken, the file locked, a duplicate raced in: the
+                log.debug("the writer thread takes a batch of %d: %s", len(part), exc)  # thread decides
+                for item in part:
+                    self._queue.put(item)
+                continue
+            _settle([(waiter.future, result, False) for (_, waiter), result in zip(part, results)])
+            self._committed(results)
+
     def close(self) -> None:
+        for item in self._pending:  # submitted, and the loop stopped before writing them
+            self._queue.put(item)
+        self._pending = []
         self._queue.put(None)
         self._thread.join(timeout=10)
 
@@ -301,6 +346,9 @@ class BatchWriter:
             self._deliver([(batch[0][1], exc, True)])
             return
         self._deliver([(waiter, result, False) for (_, waiter), result in zip(batch, results)])
+        self._committed(results)
+
+    def _committed(self, results: list[Recorded]) -> None:
         if self.on_commit and any(r.run_ids for r in results):
             try:
                 self.on_commit()
@@ -369,12 +417,16 @@ def get_event(db: sa.Engine, event_id: str) -> Optional[sa.Row]:
         return conn.execute(sa.select(events_table).where(events_table.c.id == event_id)).first()
 
 
+def github_dedupe_key(delivery_id: str) -> str:
+    """The dedupe key of a GitHub delivery: a redelivery is stored once, and the key finds the event
+    by its delivery id (the unique index on dedupe_key serves both)."""
+    return f"github:{delivery_id}"
+
+
 def find_event_by_delivery(db: sa.Engine, delivery_id: str) -> Optional[sa.Row]:
     with db.connect() as conn:
         return conn.execute(
-            sa.select(events_table).where(events_table.c.delivery_id == delivery_id)
-            .order_by(events_table.c.received_at).limit(1)
-        ).first()
+            sa.select(events_table).where(events_table.c.dedupe_key == github_dedupe_key(delivery_id))).first()
 
 
 def list_events(db: sa.Engine, source: Optional[str] = None, limit: int = 50) -> list[sa.Row]:

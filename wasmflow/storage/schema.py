@@ -26,7 +26,7 @@ events_table = sa.Table(
     sa.Column("action", sa.String(128)),
     sa.Column("repo", sa.String(256)),
     sa.Column("dedupe_key", sa.String(320), unique=True),
-    sa.Column("delivery_id", sa.String(128), index=True),
+    sa.Column("delivery_id", sa.String(128)),  # looked up by dedupe_key, "github:<delivery_id>" (version 5)
     sa.Column("headers", sa.Text, nullable=False, default="{}"),  # JSON object, lower-case names
     sa.Column("body", sa.LargeBinary, nullable=False, default=b""),
     sa.Column("received_at", sa.Float, nullable=False, index=True),
@@ -42,7 +42,8 @@ runs_table = sa.Table(
     "runs",
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("event_id", sa.String(32), sa.ForeignKey("events.id"), nullable=False, index=True),
+    # Looked up by uq_runs_event_flow_seq, which starts with it (version 5).
+    sa.Column("event_id", sa.String(32), sa.ForeignKey("events.id"), nullable=False),
     sa.Column("flow", sa.String(128), nullable=False),
     sa.Column("seq", sa.Integer, nullable=False, default=0),  # 0: the original; n: the n-th replay
     sa.Column("trigger", sa.String(16), nullable=False),

@@ -38,6 +38,10 @@ def lock_for(database: str) -> threading.Lock:
         return _locks.setdefault(key, threading.Lock())
 
 
+class WriteTurnBusy(Exception):
+    """`take_write_turn(wait=...)` found the turn taken for longer than the caller may wait."""
+
+
 class WriteTurnConnection(sqlite3.Connection):
     """A sqlite3 connection that holds its file's write lock from its first write to the end of the
     transaction (`sqlite3.connect(..., factory=WriteTurnConnection)`)."""
@@ -46,16 +50,36 @@ class WriteTurnConnection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self._write_lock = lock_for(str(database))
         self._holding = False
+        self._short_wait = False  # the busy timeout is a `take_write_turn(wait)`'s until the transaction ends
 
-    def take_write_turn(self) -> None:
-        """Wait (at most WAIT) for the write turn; a no-op while this connection holds it."""
-        if not self._holding:
-            self._holding = self._write_lock.acquire(timeout=WAIT)
+    def take_write_turn(self, wait: "float | None" = None) -> None:
+        """Wait (at most WAIT) for the write turn; a no-op while this connection holds it.
 
-    def _give_back(self) -> None:
+        With `wait`, for a caller that must not block (the event loop): WriteTurnBusy unless the turn
+        comes within `wait` seconds, and until the transaction ends SQLite's busy timeout is `wait` too,
+        so a lock another process holds fails the statement ("database is locked") instead of sleeping.
+        """
         if self._holding:
-            self._holding = False
-            self._write_lock.release()
+            return
+        if wait is None:
+            self._holding = self._write_lock.acquire(timeout=WAIT)
+            return
+        if not (self._write_lock.acquire(timeout=wait) if wait > 0 else self._write_lock.acquire(False)):
+            raise WriteTurnBusy("another writer of this process has the write turn")
+        self._holding = True
+        self.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+        self._short_wait = True
+
+    def _give_back(self, closed: bool = False) -> None:
+        try:
+            if self._short_wait:
+                self._short_wait = False
+                if not closed:
+                    self.execute(f"PRAGMA busy_timeout={int(WAIT * 1000)}")
+        finally:
+            if self._holding:
+                self._holding = False
+                self._write_lock.release()
 
     def commit(self) -> None:
         try:
@@ -73,7 +97,7 @@ class WriteTurnConnection(sqlite3.Connection):
         try:
             super().close()
         finally:
-            self._give_back()
+            self._give_back(closed=True)
 
 
 def install(engine: sa.Engine) -> None:
@@ -89,9 +113,9 @@ def install(engine: sa.Engine) -> None:
     event.listen(engine, "before_cursor_execute", before_execute)
 
 
-def take_write_turn(raw: Any) -> None:
+def take_write_turn(raw: Any, wait: "float | None" = None) -> None:
     """For a hot path on a pooled DBAPI connection (`engine.raw_connection()`, kv): take the turn
-    before writing; commit or rollback gives it back."""
+    before writing; commit or rollback gives it back. `wait`: see `WriteTurnConnection.take_write_turn`."""
     dbapi = getattr(raw, "dbapi_connection", raw)
     if isinstance(dbapi, WriteTurnConnection):
-        dbapi.take_write_turn()
+        dbapi.take_write_turn(wait)

@@ -1,0 +1,125 @@
+"""The ingress's group commit on real SQLite (platform/store.py `BatchWriter`, storage/sqlite_writes.py):
+written on the event loop when nothing holds a lock, handed to the writer thread when something does,
+and never a stall of the loop meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from wasmflow.platform.store import BatchWriter, NewEvent, NewRun, record_events
+from wasmflow.storage import open_database
+from wasmflow.storage.sqlite_writes import WAIT, WriteTurnBusy, lock_for
+
+from platform_support import scalar
+
+
+def delivery(n: int) -> NewEvent:
+    return NewEvent(source="github", name="push", headers={}, body=b"{}", status="accepted",
+                    dedupe_key=f"github:d{n}", delivery_id=f"d{n}", runs=[NewRun(flow="f", trigger="github")])
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path):
+    engine = open_database(f"sqlite:///{tmp_path / 'w.db'}")
+    yield engine
+    engine.dispose()
+
+
+async def submit_and_watch(writer: BatchWriter, events: list[NewEvent], hold: float) -> tuple[list, float]:
+    """Submit from the loop while a ticker measures the loop's longest gap; the lock holder lets go
+    after `hold` seconds. Returns the outcomes and the longest gap."""
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.ensure_future(ticker())
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*(writer.submit_async(e) for e in events)), hold + 10)
+    finally:
+        tick.cancel()
+    return outcomes, max(gaps, default=0.0)
+
+
+def test_the_loop_writes_a_batch_itself_and_the_connection_keeps_its_busy_timeout(sqlite_db):
+    commits = []
+    writer = BatchWriter(sqlite_db, inline=True, on_commit=lambda: commits.append(threading.current_thread()))
+    try:
+        outcomes, _ = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(20)], 0))
+    finally:
+        writer.close()
+    assert [o.duplicate for o in outcomes] == [False] * 20
+    assert scalar(sqlite_db, "SELECT count(*) FROM runs") == 20
+    assert commits == [threading.main_thread()]  # one batch, committed by the loop's own thread
+    with sqlite_db.connect() as conn:  # every pooled connection is back to the usual busy timeout
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(WAIT * 1000)
+
+
+def test_while_another_writer_of_the_process_has_the_turn_the_thread_waits_not_the_loop(sqlite_db):
+    writer = BatchWriter(sqlite_db, inline=True)
+    turn = lock_for(sqlite_db.url.database)
+    turn.acquire()
+    threading.Timer(0.5, turn.release).start()
+    try:
+        started = time.monotonic()
+        outcomes, longest_gap = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(5)], 0.5))
+    finally:
+        writer.close()
+    assert time.monotonic() - started >= 0.45  # stored only once the turn was free
+    assert longest_gap < 0.25  # and the loop went on meanwhile
+    assert [o.duplicate for o in outcomes] == [False] * 5
+    assert scalar(sqlite_db, "SELECT count(*) FROM events") == 5
+
+
+def test_while_another_process_holds_the_file_the_loop_does_not_sleep_in_sqlites_busy_handler(sqlite_db):
+    other = sqlite3.connect(sqlite_db.url.database, isolation_level=None, check_same_thread=False)  # no turn lock
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO kv (flow, key, value, updated_at) VALUES ('x', 'y', x'00', 0)")
+    threading.Timer(0.5, other.execute, ("COMMIT",)).start()
+    writer = BatchWriter(sqlite_db, inline=True)
+    try:
+        outcomes, longest_gap = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(5)], 0.5))
+    finally:
+        writer.close()
+        other.close()
+    assert longest_gap < 0.25
+    assert [o.duplicate for o in outcomes] == [False] * 5
+    assert scalar(sqlite_db, "SELECT count(*) FROM events") == 5
+    with sqlite_db.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(WAIT * 1000)
+
+
+def test_a_write_that_may_not_wait_says_so_and_leaves_nothing_half_done(sqlite_db):
+    turn = lock_for(sqlite_db.url.database)
+    with turn:
+        with pytest.raises(WriteTurnBusy):
+            record_events(sqlite_db, [delivery(1)], wait=0)
+    assert scalar(sqlite_db, "SELECT count(*) FROM events") == 0
+    (stored,) = record_events(sqlite_db, [delivery(1)], wait=0)  # free now: stored, on the same pool
+    assert not stored.duplicate and scalar(sqlite_db, "SELECT count(*) FROM runs") == 1
+
+
+def test_duplicates_in_an_inline_batch_are_found_as_in_the_thread(sqlite_db):
+    writer = BatchWriter(sqlite_db, inline=True)
+    try:
+        first, _ = asyncio.run(submit_and_watch(writer, [delivery(1), delivery(2)], 0))
+        again, _ = asyncio.run(submit_and_watch(writer, [delivery(2), delivery(3), delivery(3)], 0))
+    finally:
+        writer.close()
+    assert [o.duplicate for o in first] == [False, False]
+    assert [o.duplicate for o in again] == [True, False, True]
+    assert again[0].event_id == first[1].event_id and again[2].event_id == again[1].event_id
+    with sqlite_db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == 3
