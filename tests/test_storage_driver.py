@@ -62,3 +62,35 @@ def test_duplicates_are_found_whatever_the_batch_size(db: sa.Engine) -> None:
     assert again[0].event_id == first[1].event_id and again[4].event_id == again[2].event_id
     with db.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(runs_table)).scalar() == 5
+
+
+def test_a_driver_transaction_commits_all_or_nothing_and_gives_the_connection_back_as_found(db: sa.Engine) -> None:
+    """Relaxed, which on PostgreSQL begins in one simple query on an autocommit connection: statements
+    before a failing one are rolled back with it, the error is the driver's own, the setting lasts only
+    as long as its transaction, and the pooled connection goes back as it was and goes on working."""
+    from wasmflow.platform.store import event_row, insert_many
+
+    def event(id_: str, key: str) -> dict:
+        return event_row(NewEvent(source="github", name="push", headers={}, body=b"{}", status="accepted",
+                                  dedupe_key=key, id=id_))
+
+    with pytest.raises(Exception) as failed:
+        with driver_transaction(db, relaxed=True) as raw:
+            cursor = raw.cursor()
+            insert_many(cursor, db.dialect, events_table, [event("e1", "k1")])
+            insert_many(cursor, db.dialect, events_table, [event("e2", "k1")])  # the same dedupe key
+            insert_many(cursor, db.dialect, events_table, [event("e3", "k3")])
+    assert type(failed.value).__name__ in ("IntegrityError", "UniqueViolation"), failed.value
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM events")).scalar() == 0
+    with driver_transaction(db, relaxed=True) as raw:
+        cursor = raw.cursor()
+        insert_many(cursor, db.dialect, events_table, [event("e4", "k4")])
+        if db.dialect.name == "postgresql":
+            cursor.execute("SHOW synchronous_commit")
+            assert cursor.fetchone()[0] == "off"  # the transaction's own setting
+    with db.connect() as conn:
+        assert conn.execute(sa.text("SELECT id FROM events")).scalars().all() == ["e4"]
+        if db.dialect.name == "postgresql":
+            assert conn.execute(sa.text("SHOW synchronous_commit")).scalar() == "on"
+            assert conn.connection.dbapi_connection.autocommit is False

@@ -349,10 +349,9 @@ class Queue:
         decided: list[Finish] = []
         run_params: list[dict[str, Any]] = []
         attempt_params: list[dict[str, Any]] = []
-        with driver_transaction(self.db) as raw:
+        with driver_transaction(self.db, relaxed=True) as raw:  # relaxed: see _relaxed_commit
             cursor = raw.cursor()
             try:
-                self._relaxed_commit(cursor)
                 ids = in_slots([o.run.id for o in outcomes])
                 owned_query = self._owned_query(len(ids))
                 cursor.execute(owned_query.sql, owned_query.params(ids))

@@ -13,10 +13,18 @@ import sqlalchemy as sa
 
 
 @contextlib.contextmanager
-def driver_transaction(db: sa.Engine) -> Iterator[Any]:
+def driver_transaction(db: sa.Engine, relaxed: bool = False) -> Iterator[Any]:
     """A transaction on a pooled connection's own DBAPI connection, for hot paths that skip SQLAlchemy's
-    per-execution work: committed at the end, rolled back on any exception, given back to the pool."""
+    per-execution work: committed at the end, rolled back on any exception, given back to the pool.
+
+    `relaxed` (PostgreSQL): the commit does not wait for the WAL flush (`synchronous_commit = off`),
+    for writes an at-least-once queue may lose to a crash of the database server (claims' and
+    results', never events'). The setting goes out with the BEGIN, in one round trip (`_relaxed`)."""
     raw = db.raw_connection()
+    if relaxed and db.dialect.name == "postgresql":
+        with _relaxed(raw):
+            yield raw
+        return
     try:
         yield raw
         raw.commit()
@@ -24,6 +32,33 @@ def driver_transaction(db: sa.Engine) -> Iterator[Any]:
         raw.rollback()
         raise
     finally:
+        raw.close()
+
+
+@contextlib.contextmanager
+def _relaxed(raw: Any) -> Iterator[None]:
+    """A PostgreSQL transaction begun as `BEGIN; SET LOCAL synchronous_commit = off`, one simple query.
+
+    Why: psycopg sends its BEGIN on its own before the first statement, and the setting was a statement
+    of its own after it: two of the six round trips that storing a batch of results took. The
+    connection is in autocommit mode meanwhile, so that psycopg sends no BEGIN itself; the setting ends
+    with the transaction. (Sending the whole transaction in psycopg's pipeline mode saved more round
+    trips and cost more: the workers spent 10-20% more CPU a run, measured in interleaved pairs.)"""
+    driver = raw.dbapi_connection
+    committed = False
+    driver.autocommit = True
+    try:
+        driver.execute("BEGIN; SET LOCAL synchronous_commit = off")
+        yield
+        driver.execute("COMMIT")
+        committed = True
+    finally:
+        try:
+            if not committed:
+                driver.execute("ROLLBACK")
+            driver.autocommit = False
+        except Exception:  # the connection is broken: the pool must not hand it out again
+            raw.invalidate()
         raw.close()
 
 
