@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from wasmflow.platform.store import BatchWriter, NewEvent, NewRun, record_events
 from wasmflow.storage import open_database
+from wasmflow.storage.engine import AUTOCHECKPOINT_PAGES
 from wasmflow.storage.sqlite_writes import WAIT, WriteTurnBusy, lock_for
 
 from platform_support import scalar
@@ -65,6 +66,8 @@ def test_the_loop_writes_a_batch_itself_and_the_connection_keeps_its_busy_timeou
     assert commits == [threading.main_thread()]  # one batch, committed by the loop's own thread
     with sqlite_db.connect() as conn:  # every pooled connection is back to the usual busy timeout
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == int(WAIT * 1000)
+        # and leaves checkpoints to the serving process's checkpoint thread, not to a commit of the loop
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == AUTOCHECKPOINT_PAGES > 1000
 
 
 def test_while_another_writer_of_the_process_has_the_turn_the_thread_waits_not_the_loop(sqlite_db):

@@ -147,10 +147,10 @@ class Platform:
     def _checkpoint_loop(self, interval: float = 0.2) -> None:
         """SQLite: copy the write-ahead log into the database often, from this thread.
 
-        Left to itself SQLite checkpoints inside whichever commit finds the log over 1,000 pages, and that
-        commit (an acknowledgement waiting on it, often) stalls for the copy and its fsync: the 200 ms
-        outliers in bench/ingress.py. A PASSIVE checkpoint here never blocks writers and keeps the log
-        short enough that no commit has to.
+        Left to itself SQLite checkpoints inside whichever commit finds the log over a size
+        (`storage/engine.AUTOCHECKPOINT_PAGES`), and that commit (an acknowledgement waiting on it, often
+        the event loop's own) stalls for the copy and its syncs: the 200 ms outliers in bench/ingress.py.
+        A PASSIVE checkpoint here never blocks writers and keeps the log short enough that no commit has to.
         """
         while not self._stop.wait(interval):
             try:
