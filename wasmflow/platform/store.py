@@ -287,7 +287,7 @@ class BatchWriter:
         return future
 
     def _write_pending(self) -> None:
-        """On the event loop: store what its handlers submitted, if that needs no waiting for a lock."""
+        """On the event loop: store what its handlers submitted, unless a lock makes it wait past INLINE_WAIT."""
         batch, self._pending = self._pending, []
         for start in range(0, len(batch), self.max_batch):
             part = batch[start:start + self.max_batch]
