@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from wasmflow.platform import store
 from wasmflow.platform.store import BatchWriter, NewEvent, NewRun, record_events
 from wasmflow.storage import open_database
 from wasmflow.storage.engine import AUTOCHECKPOINT_PAGES
@@ -34,24 +35,27 @@ def sqlite_db(tmp_path: Path):
 
 
 async def submit_and_watch(writer: BatchWriter, events: list[NewEvent], hold: float) -> tuple[list, float]:
-    """Submit from the loop while a ticker measures the loop's longest gap; the lock holder lets go
-    after `hold` seconds. Returns the outcomes and the longest gap."""
-    gaps: list[float] = []
+    """Submit from the loop; the lock holder lets go after `hold` seconds. Returns the outcomes and the
+    longest store call the loop itself made (`record_events` on the loop's thread): how long this
+    design may hold the loop for a lock. (The loop's every pause is not measured: on an overloaded
+    machine the interpreter lock can hold it up while the writer thread works, whoever writes.)"""
+    spent: list[float] = []
+    loop_thread = threading.current_thread()
 
-    async def ticker() -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+    def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        try:
+            return record_events(*args, **kwargs)
+        finally:
+            if threading.current_thread() is loop_thread:
+                spent.append(time.monotonic() - started)
 
-    tick = asyncio.ensure_future(ticker())
+    store.record_events = timed  # type: ignore[assignment]
     try:
         outcomes = await asyncio.wait_for(asyncio.gather(*(writer.submit_async(e) for e in events)), hold + 10)
     finally:
-        tick.cancel()
-    return outcomes, max(gaps, default=0.0)
+        store.record_events = record_events  # type: ignore[assignment]
+    return outcomes, max(spent, default=0.0)
 
 
 def test_the_loop_writes_a_batch_itself_and_the_connection_keeps_its_busy_timeout(sqlite_db):
@@ -77,11 +81,11 @@ def test_while_another_writer_of_the_process_has_the_turn_the_thread_waits_not_t
     threading.Timer(0.5, turn.release).start()
     try:
         started = time.monotonic()
-        outcomes, longest_gap = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(5)], 0.5))
+        outcomes, longest_write = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(5)], 0.5))
     finally:
         writer.close()
     assert time.monotonic() - started >= 0.45  # stored only once the turn was free
-    assert longest_gap < 0.25  # and the loop went on meanwhile
+    assert 0 < longest_write < 0.1  # the loop tried, and handed them over instead of waiting
     assert [o.duplicate for o in outcomes] == [False] * 5
     assert scalar(sqlite_db, "SELECT count(*) FROM events") == 5
 
@@ -93,11 +97,11 @@ def test_while_another_process_holds_the_file_the_loop_does_not_sleep_in_sqlites
     threading.Timer(0.5, other.execute, ("COMMIT",)).start()
     writer = BatchWriter(sqlite_db, inline=True)
     try:
-        outcomes, longest_gap = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(5)], 0.5))
+        outcomes, longest_write = asyncio.run(submit_and_watch(writer, [delivery(i) for i in range(5)], 0.5))
     finally:
         writer.close()
         other.close()
-    assert longest_gap < 0.25
+    assert 0 < longest_write < 0.1
     assert [o.duplicate for o in outcomes] == [False] * 5
     assert scalar(sqlite_db, "SELECT count(*) FROM events") == 5
     with sqlite_db.connect() as conn:

@@ -26,10 +26,13 @@ def default_url(state_dir: Path) -> str:
 
 # The size of the write-ahead log (pages of 4 KiB) past which a commit checkpoints it itself, syncing
 # the log and the database inside that commit. A serving process checkpoints from a thread of its own
-# every 0.2 s (platform/app.py), so this is a backstop: at SQLite's default, 1,000, a burst of
-# deliveries grew the log past it between two of those checkpoints, and the event loop's commit that
-# crossed it stalled every acknowledgement for two syncs (1-7 ms each, seen with `perf trace`).
-AUTOCHECKPOINT_PAGES = 10_000
+# every 0.2 s (platform/app.py), so this is a backstop. The log only starts over from its beginning when
+# no reader is using it, which under steady load is about once a second, and a burst of deliveries
+# wrote up to 2,700 pages between two checkpoints: at SQLite's default (1,000) and at 10,000 the event
+# loop's commit that crossed the size stalled every acknowledgement for two syncs (1-7 ms each, seen
+# with `perf trace`). WAL_KEPT_BYTES: what is kept of a log that grew, once it starts over.
+AUTOCHECKPOINT_PAGES = 50_000
+WAL_KEPT_BYTES = 64 * 1024 * 1024
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -38,6 +41,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
     cursor.close()
 
 
