@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from optional_support import missing, need_module
+from optional_support import need_module, require
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -40,9 +40,8 @@ def _binary(preferred: str, name: str) -> str:
     if Path(preferred).exists():
         return preferred
     found = shutil.which(name)
-    if not found:
-        missing(f"needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver): "
-                f"{preferred} is missing")
+    require(found is not None, f"needs Debian's chromium and chromium-driver (apt-get install chromium "
+                               f"chromium-driver): {preferred} is missing")
     return str(found)
 
 

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine_support import engine_name  # noqa: F401  (fixture: each engine usable here)
-from optional_support import missing, need_toolchain
+from optional_support import need_toolchain, require
 from wasmflow.build import BuildError, Toolchain, build, workspace_crates
 
 if TYPE_CHECKING:
@@ -86,9 +86,8 @@ def pg_url() -> Iterator[str]:
     The server is WASMFLOW_TEST_POSTGRES_URL (`make test` starts one); without it the test skips with
     the reason scripts/run-tests.sh found (WASMFLOW_TEST_POSTGRES_SKIP).
     """
-    base = os.environ.get("WASMFLOW_TEST_POSTGRES_URL")
-    if not base:
-        missing(os.environ.get("WASMFLOW_TEST_POSTGRES_SKIP") or PG_SKIP)
+    base = os.environ.get("WASMFLOW_TEST_POSTGRES_URL", "")
+    require(bool(base), os.environ.get("WASMFLOW_TEST_POSTGRES_SKIP") or PG_SKIP)
     schema = f"t_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
     with admin.begin() as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optional_support import missing, skip_unless
+from optional_support import require, skip_unless
 from wasmflow.engine import ENGINES, wasmedge_capi
 
 WASMEDGE_SKIP = "libwasmedge not found (set WASMFLOW_WASMEDGE_LIB)"
@@ -27,7 +27,7 @@ def skip_without(name: str) -> None:
         # not installed: the fixed reason CI looks for
         skip_unless(not ("not found" in problem or "names no" in problem), WASMEDGE_SKIP)
         # present but unusable (a wrong version, a broken build): say why; under CI a failure
-        missing(f"libwasmedge is present but cannot be used: {problem}")
+        require(False, f"libwasmedge is present but cannot be used: {problem}")
 
 
 @pytest.fixture(params=list(ENGINES))

@@ -15,11 +15,13 @@ from types import ModuleType
 import pytest
 
 
-def missing(reason: str) -> None:
-    """Skip with `reason`, or fail with it under CI (where everything optional is installed)."""
-    if os.environ.get("CI"):
+def require(present: bool, reason: str) -> None:
+    """When the component `reason` names is not `present`: skip saying so, or fail under CI (which
+    installs every such component, so a skip there would hide a broken install)."""
+    if not present and os.environ.get("CI"):
         pytest.fail(f"{reason} (CI installs it: a skip here would hide a broken install)", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+    if not present:
+        pytest.skip(reason, allow_module_level=True)
 
 
 def skip_unless(present: bool, reason: str) -> None:
@@ -34,8 +36,8 @@ def need_module(name: str, component: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        missing(f"needs {component}: {exc}")
-        raise  # unreachable: missing() always raises
+        require(False, f"needs {component}: {exc}")
+        raise  # unreachable: require(False, ...) always raises
 
 
 def need_llama_cpp() -> ModuleType:
@@ -45,8 +47,7 @@ def need_llama_cpp() -> ModuleType:
 
 def need_model(path: Path, name: str) -> Path:
     """A model file `wasmflow models pull NAME` makes, or a skip/failure saying to pull it."""
-    if not Path(path).exists():
-        missing(f"model {name} is not pulled: run `wasmflow models pull {name}` ({path} is missing)")
+    require(Path(path).exists(), f"model {name} is not pulled: run `wasmflow models pull {name}` ({path} is missing)")
     return Path(path)
 
 
@@ -57,8 +58,8 @@ def need_toolchain():  # type: ignore[no-untyped-def]
     try:
         return find_toolchain()
     except BuildError as exc:
-        missing(f"needs a Rust toolchain for wasm32-wasi: {exc}")
-        raise  # unreachable: missing() always raises
+        require(False, f"needs a Rust toolchain for wasm32-wasi: {exc}")
+        raise  # unreachable: require(False, ...) always raises
 
 
 def need_gpu_llama() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import openai  # a dependency of wasmflow itself: never a skip
 import pytest
 
-from optional_support import missing, need_llama_cpp
+from optional_support import need_llama_cpp, require
 
 need_llama_cpp()
 
@@ -117,8 +117,7 @@ def direct_greedy(path: Path, prompt: str, n: int, repeat_penalty: float) -> tup
 @pytest.mark.parametrize("name", ["tiny", "gemma"])
 def test_the_same_tokens_and_counts_from_llm_chat_and_v1(name: str, paths: dict[str, Path],
                                                          served: tuple[ModelRegistry, Any]) -> None:
-    if name not in paths:
-        missing(f"model {name} is not pulled: run `wasmflow models pull {name}`")
+    require(name in paths, f"model {name} is not pulled: run `wasmflow models pull {name}`")
     registry, client = served
     messages = [{"role": "user", "content": "Once upon a time there was a cat"}]
     n = 12
