@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
 from wasmflow.host_functions.spec import Event
-from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots, slot_params
+from wasmflow.storage.driver import RELAXED_COMMIT, DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.storage.sqlite_writes import take_write_turn
 from wasmflow.platform.cancel import CancelResult, cancel_reason, notify_cancel
@@ -205,7 +205,7 @@ class Queue:
         lease expires, and either way it runs again. Events (what was acknowledged) keep full durability.
         """
         if self.postgres:  # on the transaction's own DBAPI cursor, first
-            cursor.execute("SET LOCAL synchronous_commit = off")
+            cursor.execute(RELAXED_COMMIT)
 
     def claim(self, limit: int) -> list[ClaimedRun]:
         """Take up to `limit` due runs: lease them, count the attempt, and return them with their event."""

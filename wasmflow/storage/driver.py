@@ -12,19 +12,23 @@ from typing import Any, Callable, Iterator, Optional
 import sqlalchemy as sa
 
 
+# What makes a PostgreSQL transaction's commit not wait for the WAL flush (see `driver_transaction`).
+RELAXED_COMMIT = "SET LOCAL synchronous_commit = off"
+
+
 @contextlib.contextmanager
 def driver_transaction(db: sa.Engine, relaxed: bool = False) -> Iterator[Any]:
     """A transaction on a pooled connection's own DBAPI connection, for hot paths that skip SQLAlchemy's
     per-execution work: committed at the end, rolled back on any exception, given back to the pool.
 
-    `relaxed` (PostgreSQL): the commit does not wait for the WAL flush (`synchronous_commit = off`),
-    for writes an at-least-once queue may lose to a crash of the database server (claims' and
-    results', never events'). The setting goes out with the BEGIN, in one round trip (`_relaxed`)."""
-    raw = db.raw_connection()
+    `relaxed` (PostgreSQL): the commit does not wait for the WAL flush (`RELAXED_COMMIT`), for writes
+    an at-least-once queue may lose to a crash of the database server (claims' and results', never
+    events'). The setting goes out with the BEGIN, in one round trip (`_relaxed_transaction`)."""
     if relaxed and db.dialect.name == "postgresql":
-        with _relaxed(raw):
+        with _relaxed_transaction(db) as raw:
             yield raw
         return
+    raw = db.raw_connection()
     try:
         yield raw
         raw.commit()
@@ -36,37 +40,33 @@ def driver_transaction(db: sa.Engine, relaxed: bool = False) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _relaxed(raw: Any) -> Iterator[None]:
+def _relaxed_transaction(db: sa.Engine) -> Iterator[Any]:
     """A PostgreSQL transaction begun as `BEGIN; SET LOCAL synchronous_commit = off`, one simple query.
 
     Why: psycopg sends its BEGIN on its own before the first statement, and the setting was a statement
     of its own after it: two of the six round trips that storing a batch of results took. The
-    connection is in autocommit mode meanwhile, so that psycopg sends no BEGIN itself; the setting ends
-    with the transaction. (Sending the whole transaction in psycopg's pipeline mode saved more round
-    trips and cost more: the workers spent 10-20% more CPU a run, measured in interleaved pairs.)"""
-    driver = raw.dbapi_connection
-    committed = False
-    driver.autocommit = True
-    try:
-        driver.execute("BEGIN; SET LOCAL synchronous_commit = off")
-        yield
-        driver.execute("COMMIT")
-        committed = True
-    finally:
+    connection is in autocommit mode meanwhile (`driver_autocommit`), so that psycopg sends no BEGIN
+    itself; the setting ends with the transaction. (Sending the whole transaction in psycopg's pipeline
+    mode saved more round trips and cost more: the workers spent 10-20% more CPU a run, measured in
+    interleaved pairs.)"""
+    with driver_autocommit(db) as raw:
+        driver = raw.dbapi_connection
+        driver.execute(f"BEGIN; {RELAXED_COMMIT}")
         try:
-            if not committed:
+            yield raw
+            driver.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):  # a broken connection: driver_autocommit drops it
                 driver.execute("ROLLBACK")
-            driver.autocommit = False
-        except Exception:  # the connection is broken: the pool must not hand it out again
-            raw.invalidate()
-        raw.close()
+            raise
 
 
 @contextlib.contextmanager
 def driver_autocommit(db: sa.Engine) -> Iterator[Any]:
     """A pooled connection's own DBAPI connection whose statements commit themselves (PostgreSQL's
     autocommit: one round trip for a one-statement write, no COMMIT after it); given back to the pool
-    as it was found. For SQLite, whose writes need the write turn, use `driver_transaction`."""
+    as it was found, or dropped from it when it cannot be (broken, or left inside a transaction). For
+    SQLite, whose writes need the write turn, use `driver_transaction`."""
     raw = db.raw_connection()
     driver = raw.dbapi_connection
     try:
@@ -75,6 +75,8 @@ def driver_autocommit(db: sa.Engine) -> Iterator[Any]:
     finally:
         try:
             driver.autocommit = False
+        except Exception:  # the pool must not hand it out again
+            raw.invalidate()
         finally:
             raw.close()
 
