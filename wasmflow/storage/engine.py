@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
 from .migrations import migrate
-from .sqlite_writes import WriteTurnConnection, install as serialize_writes
+from .sqlite_writes import WAIT, WriteTurnConnection, install as serialize_writes
 
 
 def default_url(state_dir: Path) -> str:
@@ -39,7 +39,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(WAIT * 1000)}")  # the write turn's wait, too
     cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
     cursor.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
     cursor.close()
