@@ -64,7 +64,7 @@ class WriteTurnConnection(sqlite3.Connection):
         if wait is None:
             self._holding = self._write_lock.acquire(timeout=WAIT)
             return
-        if not (self._write_lock.acquire(timeout=wait) if wait > 0 else self._write_lock.acquire(False)):
+        if not self._write_lock.acquire(timeout=wait):  # 0: a try, no wait
             raise WriteTurnBusy("another writer of this process has the write turn")
         self._holding = True
         self.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
