@@ -113,6 +113,36 @@ class DriverStatement:
         return self._pick(values) if self._pick is not None else values
 
 
+    def execute_many(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
+        cursor.executemany(self.sql, [self.params(row) for row in rows])
+
+
+class DriverCopy:
+    """PostgreSQL's `COPY table (columns) FROM STDIN` on the driver's cursor: the rows of a batch insert
+    as one stream, with the columns a row leaves out given `defaults` (as `DriverStatement`'s INSERT
+    gives them).
+
+    Why: an `executemany` INSERT is a statement per row for both sides. Storing the ingress batches
+    (an event and a run a delivery, 32 a batch) took psycopg about 100 us and the server about 150 us
+    of CPU a delivery that way, and about half and two thirds of that as a COPY (docs/control-plane.md).
+    A row that breaks a constraint fails the whole COPY, as it failed the whole batch before."""
+
+    def __init__(self, table: sa.Table, dialect: sa.Dialect, columns: tuple[str, ...],
+                 defaults: Optional[dict[str, Any]] = None) -> None:
+        self._defaults = {key: value for key, value in (defaults or {}).items() if key not in columns}
+        keys = (*columns, *self._defaults)
+        quote = dialect.identifier_preparer
+        names = ", ".join(quote.quote(table.c[key].name) for key in keys)
+        self.sql = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
+        self._pick = _pick_many(keys)
+
+    def execute_many(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
+        pick, defaults = self._pick, self._defaults
+        with cursor.copy(self.sql) as copy:
+            for row in rows:
+                copy.write_row(pick({**defaults, **row} if defaults else row))
+
+
 def _pick_many(keys: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
     """`lambda values: tuple(values[k] for k in keys)`, in C where `operator.itemgetter` can do it (it
     returns a bare value for one key and cannot take none)."""
