@@ -3,6 +3,7 @@ one cron tick gives one run, and one scheduler is active at a time (another take
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -167,3 +168,59 @@ def test_a_pooled_connection_cut_while_it_rested_is_replaced_at_checkout(pg_url:
         assert fresh != cut
     finally:
         db.dispose()
+
+
+def test_a_dispatcher_goes_on_when_the_server_cuts_its_connections(tmp_path, pg_url, make_runtime, caplog):
+    """Connections cut mid-stream (a database restart, a failover, an idle-session killer) fail a claim or
+    a batch of results on the driver's cursor; the dispatcher's loops retry them as any database error,
+    and every run still completes once."""
+    from wasmflow.platform.metrics import Metrics
+    from wasmflow.platform.queue import Queue
+    from wasmflow.platform.store import BatchWriter
+    from wasmflow.platform.worker import Dispatcher
+
+    from platform_support import OK_WAT
+
+    name = f"cut_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    flows = f"flows:\n  - name: ok\n    module: {write_wat(tmp_path / 'ok.wasm', OK_WAT)}\n"
+    runtime = make_runtime(tmp_path / "app", flows, database_url=f"{pg_url}&application_name={name}")
+    dispatcher = Dispatcher(runtime, Queue(runtime.db, "cut-test"), Metrics(), concurrency=4, poll_interval=0.2)
+    other_process = open_database(pg_url)  # stores the events and cuts; never cut itself
+    writer = BatchWriter(other_process)
+    runs = 0
+    done_sql = sa.text("SELECT count(*) FROM runs WHERE state = 'done'")
+    cut_sql = sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :n")
+    held_sql = sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n")
+    caplog.set_level(logging.WARNING, logger="wasmflow.worker")
+    try:
+        dispatcher.start()
+        cuts = 0
+        for _ in range(5):  # runs arrive, and the dispatcher's connections are cut while it works on them
+            for future in [writer.submit(NewEvent(source="http", name="http", headers={}, body=b"", status="accepted",
+                                                  runs=[NewRun(flow="ok", trigger="http")])) for _ in range(80)]:
+                future.result(timeout=30)
+            runs += 80
+
+            def connected() -> bool:  # the dispatcher holds a connection again (it reconnects on use)
+                with other_process.connect() as conn:
+                    return conn.execute(held_sql, {"n": name}).scalar() > 0
+
+            wait_until(connected, timeout=20, interval=0.01)
+            with other_process.begin() as conn:
+                cuts += conn.execute(cut_sql, {"n": name}).scalar() > 0
+
+        def done() -> bool:
+            with other_process.connect() as conn:
+                return conn.execute(done_sql).scalar() == runs
+
+        wait_until(done, timeout=60, interval=0.1)
+        assert cuts == 5
+        retried = [r.getMessage() for r in caplog.records if "failed (OperationalError)" in r.getMessage()]
+        assert retried, "no claim or result met a cut connection: the test did not test"
+        with other_process.connect() as conn:
+            assert conn.execute(sa.text("SELECT max(executions) FROM runs")).scalar() == 1
+    finally:
+        writer.close()
+        dispatcher.stop(grace=5)
+        other_process.dispose()
+        runtime.close()

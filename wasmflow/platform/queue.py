@@ -27,7 +27,8 @@ import sqlalchemy as sa
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import FlowsFile, Retry
 from wasmflow.host_functions.spec import Event
-from wasmflow.storage.driver import RELAXED_COMMIT, DriverStatement, driver_transaction, in_slots, slot_params
+from wasmflow.storage.driver import (RELAXED_COMMIT, DriverStatement, driver_errors, driver_transaction, in_slots,
+                                     slot_params)
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.storage.sqlite_writes import take_write_turn
 from wasmflow.platform.cancel import CancelResult, cancel_reason, notify_cancel
@@ -212,10 +213,11 @@ class Queue:
         if limit <= 0:
             return []
         now = self.clock()
-        with self.db.begin() as conn:
+        with driver_errors(self.db), self.db.begin() as conn:
             # Most of the claim goes through the driver's cursor, in this transaction: the claim runs once
             # per batch of runs, and SQLAlchemy's execution of it took the claim thread more time than the
-            # database. The branch for per-key limits stays on SQLAlchemy.
+            # database. The branch for per-key limits stays on SQLAlchemy. (driver_errors: the cursor's
+            # failures reach the claim loop as SQLAlchemy's, which it retries.)
             cursor = conn.connection.dbapi_connection.cursor()
             try:
                 rows = self._claim_rows(conn, cursor, now, limit)

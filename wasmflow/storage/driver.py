@@ -30,13 +30,33 @@ def driver_transaction(db: sa.Engine, relaxed: bool = False) -> Iterator[Any]:
         return
     raw = db.raw_connection()
     try:
-        yield raw
-        raw.commit()
-    except BaseException:
-        raw.rollback()
-        raise
+        with driver_errors(db):
+            try:
+                yield raw
+                raw.commit()
+            except BaseException:
+                try:
+                    raw.rollback()
+                except Exception:  # the connection is gone: the error to report is the first one
+                    raw.invalidate()
+                raise
     finally:
         raw.close()
+
+
+@contextlib.contextmanager
+def driver_errors(db: sa.Engine) -> Iterator[None]:
+    """The driver's exceptions raised as SQLAlchemy's (`sa.exc.OperationalError`, `IntegrityError`, ...,
+    the driver's own as `__cause__`), as an execution through SQLAlchemy raises them.
+
+    Why: every loop of the workers, the scheduler and the ingress retries what fails with
+    `sa.exc.SQLAlchemyError`; a lost PostgreSQL connection on the driver's cursor raised psycopg's own
+    OperationalError past them, and the thread storing a worker's results died of it."""
+    try:
+        yield
+    except db.dialect.loaded_dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(None, None, exc, db.dialect.loaded_dbapi.Error,
+                                         dialect=db.dialect) from exc
 
 
 @contextlib.contextmanager
@@ -70,8 +90,9 @@ def driver_autocommit(db: sa.Engine) -> Iterator[Any]:
     raw = db.raw_connection()
     driver = raw.dbapi_connection
     try:
-        driver.autocommit = True
-        yield raw
+        with driver_errors(db):
+            driver.autocommit = True
+            yield raw
     finally:
         try:
             driver.autocommit = False
