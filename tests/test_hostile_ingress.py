@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from platform_support import OK_WAT, SECRET, ServerThread, deliver, scalar, signed, write_wat
 from wasmflow.platform.app import Options
@@ -275,3 +276,51 @@ flows:
         assert scalar(db, "SELECT count(*) FROM attempts WHERE status = 'lost'") == 0
         assert "wasmflow_lease_expiries_total 0.0" in requests.get(f"{srv.base}/metrics", timeout=5).text
     runtime.close()
+
+
+# -- (f) text a column cannot hold -------------------------------------------------------------------
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_payload_text_a_column_cannot_hold_is_stored_replaced_not_refused(database: str, tmp_path: Path,
+                                                                          make_runtime, request) -> None:
+    """A signed payload's action and repository (and the concurrency key made of them) may hold a NUL, an
+    unpaired surrogate or more characters than the column: PostgreSQL refused them, so the delivery was
+    answered 503 at every redelivery. Now it is stored with U+FFFD in their place and cut to the column,
+    the same on both databases, and its run completes."""
+    url = None if database == "sqlite" else request.getfixturevalue("pg_url")
+    flows = f"""
+flows:
+  - name: keyed
+    module: {write_wat(tmp_path / "ok.wasm", OK_WAT)}
+    on: [{{github: {{events: [pull_request]}}}}]
+    concurrency: {{key: "{{repo}}:{{action}}", limit: 1}}
+"""
+    runtime = make_runtime(tmp_path / "app", flows, database_url=url)
+    options = Options(workers=2, poll_interval=0.1, webhook_secret=SECRET)
+    # payload, then the stored action, repository and concurrency key (rendered from the payload's text)
+    payloads = {
+        "nul": ({"action": "op\x00ened", "repository": {"full_name": "acme/a\x00b"}}, "op\ufffdened", "acme/a\ufffdb",
+                "acme/a\ufffdb:op\ufffdened"),
+        "surrogate": ({"action": "op\ud800ened", "repository": {"full_name": "acme/\udfff"}}, "op\ufffdened",
+                      "acme/\ufffd", "acme/\ufffd:op\ufffdened"),
+        "long": ({"action": "o" * 300, "repository": {"full_name": "acme/" + "r" * 400}}, "o" * 128,
+                 ("acme/" + "r" * 400)[:256], ("acme/" + "r" * 400)[:320]),
+    }
+    with ServerThread(runtime, options) as srv:
+        for name, (payload, *_) in payloads.items():
+            resp = deliver(srv.base, "pull_request", payload, delivery=f"text-{name}")
+            assert resp.status_code == 202, (name, resp.text)
+            assert deliver(srv.base, "pull_request", payload, delivery=f"text-{name}").json()["duplicate"] is True
+
+        def all_done() -> bool:
+            return scalar(srv.platform.db, "SELECT count(*) FROM runs WHERE state = 'done'") == len(payloads)
+
+        from platform_support import wait_until
+        wait_until(all_done, timeout=30, interval=0.05)
+        for name, (_, action, repo, key) in payloads.items():
+            with srv.platform.db.connect() as conn:
+                row = conn.execute(sa.text("SELECT e.action, e.repo, r.status, r.concurrency_key FROM events e "
+                                           "JOIN runs r ON r.event_id = e.id WHERE e.delivery_id = :d"),
+                                   {"d": f"text-{name}"}).one()
+            assert (row.action, row.repo, row.status) == (action, repo, "ok"), name
+            assert row.concurrency_key == key, name

@@ -48,6 +48,18 @@ def test_claim_leases_each_run_once_and_finish_completes_it(db):
     assert scalar(db, "SELECT count(*) FROM attempts WHERE run_id = :r AND status = 'ok'", r=run_id) == 1
 
 
+def test_an_error_quoting_what_a_guest_sent_is_stored_on_both_databases(db):
+    """A run's error may quote a guest's text (a refused URL): a NUL or an unpaired surrogate in it is
+    stored as U+FFFD, not refused with the whole batch of results (PostgreSQL refuses NUL in text)."""
+    (run_id,) = enqueue(db)
+    q = Queue(db, "w1", lease_seconds=10)
+    (run,) = q.claim(5)
+    error = "refused: http://a\x00b/\ud800 is not in allow.http"
+    assert q.finish(run, result(Status.DENIED, error), Retry()).state == "dead"
+    assert scalar(db, "SELECT error FROM runs") == "refused: http://a\ufffdb/\ufffd is not in allow.http"
+    assert scalar(db, "SELECT error FROM attempts WHERE run_id = :r", r=run_id) == scalar(db, "SELECT error FROM runs")
+
+
 def test_concurrent_claimers_never_take_the_same_run(db):
     enqueue(db, 120)
     taken: list[str] = []

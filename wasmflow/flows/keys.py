@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from wasmflow.storage.text import storable_text
+
 MAX_TEMPLATE_CHARS = 200
 MAX_KEY_CHARS = 320  # what runs.concurrency_key holds
 
@@ -106,7 +108,7 @@ class KeyTemplate:
                 if value:
                     break
             out.append(value)
-        return "".join(out)[:MAX_KEY_CHARS]
+        return storable_text("".join(out), MAX_KEY_CHARS)  # payload text: as the runs table can hold it
 
 
 def parse_template(text: str) -> KeyTemplate:

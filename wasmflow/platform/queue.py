@@ -31,6 +31,7 @@ from wasmflow.storage.driver import (RELAXED_COMMIT, DriverStatement, driver_err
                                      slot_params)
 from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.storage.sqlite_writes import take_write_turn
+from wasmflow.storage.text import storable_text
 from wasmflow.platform.cancel import CancelResult, cancel_reason, notify_cancel
 from wasmflow.platform.notify import notify_new_runs
 from wasmflow.platform.store import (DEAD, DONE, QUEUED, RUNNING, WAITING, NewRun, encode_logs, insert_many, new_id,
@@ -363,7 +364,7 @@ class Queue:
                 cancels = {row[0]: row[1] for row in owned_rows if row[2] is not None}
                 for o in outcomes:
                     status = o.status
-                    error = o.result.error
+                    error = storable_text(o.result.error)  # it may quote what a guest asked for
                     delay = 0.0
                     if o.run.id in cancels and status is not Status.OK:
                         status, error = Status.CANCELLED, cancel_reason(cancels[o.run.id])

@@ -27,6 +27,7 @@ from wasmflow.storage.schema import attempts_table, events_table, runs_table
 from wasmflow.platform.notify import NOTIFY_NEW_RUNS, notify_new_runs
 from wasmflow.storage.driver import DriverCopy, DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.sqlite_writes import take_write_turn
+from wasmflow.storage.text import storable_text
 
 log = logging.getLogger("wasmflow.store")
 
@@ -106,12 +107,18 @@ def run_row(run: NewRun, event_id: str, now: float) -> dict[str, Any]:
     )
 
 
+_ACTION_CHARS = events_table.c.action.type.length
+_REPO_CHARS = events_table.c.repo.type.length
+
+
 def event_row(event: NewEvent) -> dict[str, Any]:
+    """The events row of `event`. The action, repository and note come from the sender's payload: stored
+    as a text column can hold them on both databases (`storable_text`)."""
     return dict(
-        id=event.id, source=event.source, name=event.name, action=event.action, repo=event.repo,
-        dedupe_key=event.dedupe_key, delivery_id=event.delivery_id, headers=json.dumps(event.headers),
-        body=event.body, received_at=event.received_at, status=event.status,
-        runs_created=len(event.runs), note=event.note,
+        id=event.id, source=event.source, name=event.name, action=storable_text(event.action, _ACTION_CHARS),
+        repo=storable_text(event.repo, _REPO_CHARS), dedupe_key=event.dedupe_key, delivery_id=event.delivery_id,
+        headers=json.dumps(event.headers), body=event.body, received_at=event.received_at, status=event.status,
+        runs_created=len(event.runs), note=storable_text(event.note),
     )
 
 
