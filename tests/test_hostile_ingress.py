@@ -299,8 +299,8 @@ flows:
     options = Options(workers=2, poll_interval=0.1, webhook_secret=SECRET)
     # payload, then the stored action, repository and concurrency key (rendered from the payload's text)
     payloads = {
-        "nul": ({"action": "op\x00ened", "repository": {"full_name": "acme/a\x00b"}}, "op\ufffdened", "acme/a\ufffdb",
-                "acme/a\ufffdb:op\ufffdened"),
+        "nul": ({"action": "op\x00ened", "repository": {"full_name": "acme/a\x00b"}}, "op\ufffdened",
+                "acme/a\ufffdb", "acme/a\ufffdb:op\ufffdened"),
         "surrogate": ({"action": "op\ud800ened", "repository": {"full_name": "acme/\udfff"}}, "op\ufffdened",
                       "acme/\ufffd", "acme/\ufffd:op\ufffdened"),
         "long": ({"action": "o" * 300, "repository": {"full_name": "acme/" + "r" * 400}}, "o" * 128,

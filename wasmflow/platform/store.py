@@ -139,7 +139,8 @@ def _insert_runs(conn: sa.Connection, events: list[NewEvent]) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _insert(dialect: sa.Dialect, table: sa.Table, columns: tuple[str, ...], stream: bool) -> "DriverStatement | DriverCopy":
+def _insert(dialect: sa.Dialect, table: sa.Table, columns: tuple[str, ...],
+            stream: bool) -> "DriverStatement | DriverCopy":
     """The batch insert of `columns` into `table`, the columns left out given their scalar defaults as
     SQLAlchemy would fill them in: a COPY when `stream` and on PostgreSQL, else an INSERT run per row."""
     defaults = {c.key: c.default.arg for c in table.columns
@@ -193,7 +194,7 @@ def record_events(db: sa.Engine, events: list[NewEvent], wait: Optional[float] =
         if keys:
             params = in_slots(keys)
             select = _stored_keys(dialect, len(params))
-            if dialect.name == "postgresql":  # planned for the table as it is now, not as it was: see below
+            if dialect.name == "postgresql":  # planned for the table as it is now: see the docstring
                 cursor.execute(select.sql, select.params(params), prepare=False)
             else:
                 cursor.execute(select.sql, select.params(params))
@@ -213,7 +214,8 @@ def record_events(db: sa.Engine, events: list[NewEvent], wait: Optional[float] =
             take_write_turn(raw, wait)
             now = time.time()
             insert_many(cursor, dialect, events_table, [event_row(e) for e in fresh], stream=True)
-            insert_many(cursor, dialect, runs_table, [run_row(r, e.id, now) for e in fresh for r in e.runs], stream=True)
+            insert_many(cursor, dialect, runs_table, [run_row(r, e.id, now) for e in fresh for r in e.runs],
+                        stream=True)
             insert_many(cursor, dialect, attempts_table, _claimed_rows(fresh, now))
             if any(e.runs for e in fresh) and dialect.name == "postgresql":
                 cursor.execute(NOTIFY_NEW_RUNS)

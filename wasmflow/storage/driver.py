@@ -133,8 +133,8 @@ class DriverStatement:
             values = {**self._defaults, **values}
         return self._pick(values) if self._pick is not None else values
 
-
     def execute_many(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
+        """Run the statement once per row (dicts with the same keys), as one executemany."""
         cursor.executemany(self.sql, [self.params(row) for row in rows])
 
 
