@@ -156,3 +156,53 @@ def test_a_github_request_that_runs_out_of_time_is_told_from_a_refused_one_by_ty
     assert not is_timeout(refused.value)
     assert is_timeout(requests.ConnectionError(__import__("urllib3").exceptions.ReadTimeoutError(None, "/", "read")))
     assert not is_timeout(ValueError("the read timed out"))  # the words alone decide nothing
+
+
+def test_a_dispatcher_loop_survives_a_failure_that_is_not_the_database(tmp_path: Path, make_runtime, caplog,
+                                                                       monkeypatch) -> None:
+    """A claim, a batch of results and a lease round that fail with something other than a database
+    error (a bug, a value no one expected) are logged with their traceback and retried: the loop's
+    thread goes on, and every run completes once. Before, such a failure ended the thread, and the
+    worker kept runs it would never finish."""
+    import logging
+
+    from wasmflow.platform.metrics import Metrics
+    from wasmflow.platform.queue import Queue
+    from wasmflow.platform.store import NewEvent, NewRun, record_event
+    from wasmflow.platform.worker import Dispatcher
+
+    from platform_support import OK_WAT, scalar, wait_until, write_wat
+
+    runtime = make_runtime(tmp_path / "app", f"flows:\n  - name: ok\n    module: {write_wat(tmp_path / 'ok.wasm', OK_WAT)}\n")
+    queue = Queue(runtime.db, "w-faults")
+    faults = {"claim": 1, "finish_many": 1, "recover_expired": 1}
+
+    def failing_once(name: str) -> None:
+        real = getattr(queue, name)
+
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if faults[name]:
+                faults[name] -= 1
+                raise ValueError(f"injected failure of {name}")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(queue, name, call)
+
+    for name in faults:
+        failing_once(name)
+    with runtime.db.begin() as conn:
+        for _ in range(20):
+            record_event(conn, NewEvent(source="github", name="push", headers={}, body=b"{}", status="accepted",
+                                        runs=[NewRun(flow="ok", trigger="github")]))
+    caplog.set_level(logging.WARNING, logger="wasmflow.worker")
+    dispatcher = Dispatcher(runtime, queue, Metrics(), concurrency=2, poll_interval=0.05)
+    dispatcher.maintenance_interval = 0.05
+    dispatcher.start()
+    try:
+        wait_until(lambda: scalar(runtime.db, "SELECT count(*) FROM runs WHERE state = 'done'") == 20
+                   and not any(faults.values()), timeout=60, interval=0.05)
+    finally:
+        dispatcher.stop(grace=5)
+    assert scalar(runtime.db, "SELECT max(executions) FROM runs") == 1
+    logged = [r for r in caplog.records if r.exc_info and "injected failure" in str(r.exc_info[1])]
+    assert {str(r.exc_info[1]).split()[-1] for r in logged} == set(faults)

@@ -48,6 +48,17 @@ log = logging.getLogger("wasmflow.worker")
 PREFETCH_SECONDS = 0.1
 
 
+
+def _log_failure(exc: Exception, message: str) -> None:
+    """Log a failed step of a dispatcher loop that will retry it: a database error as a warning naming
+    its kind (the store is down or busy: expected, and retried), anything else with its traceback (a bug,
+    which must still not end the loop's thread: a claim, lease or result thread that died left the worker
+    holding runs it would never finish)."""
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        log.warning(message, exc.__class__.__name__)
+    else:
+        log.exception(message, exc.__class__.__name__)
+
 def worker_name() -> str:
     """host:pid:random, unique per process start: what leases and the attempts table record."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -231,9 +242,9 @@ class Dispatcher:
                 self._admit()
                 runs = self.queue.claim(min(free, self.claim_batch))
                 failures = 0
-            except sa.exc.SQLAlchemyError as exc:
+            except Exception as exc:  # the store, or a bug: this thread must go on claiming either way
                 failures += 1
-                log.warning("claiming runs failed (%s); retrying", exc.__class__.__name__)
+                _log_failure(exc, "claiming runs failed (%s); retrying")
                 self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
                 continue
             if not runs:
@@ -293,8 +304,8 @@ class Dispatcher:
                     self.metrics.lease_expiries.inc(recovered)
                     log.warning("took back %d runs whose worker stopped renewing its lease", recovered)
                     self._wake.set()
-            except sa.exc.SQLAlchemyError as exc:
-                log.warning("lease maintenance failed (%s); retrying", exc.__class__.__name__)
+            except Exception as exc:  # without this thread the runs here would lose their leases
+                _log_failure(exc, "lease maintenance failed (%s); retrying")
 
     # --- one run -----------------------------------------------------------------------------------
 
@@ -361,8 +372,8 @@ class Dispatcher:
             try:
                 finishes = self.queue.finish_many(batch)
                 break
-            except sa.exc.SQLAlchemyError as exc:
-                log.warning("storing %d results failed (%s), try %d", len(batch), exc.__class__.__name__, attempt + 1)
+            except Exception as exc:  # the store, or a bug: the slots below must be freed either way
+                _log_failure(exc, f"storing {len(batch)} results failed (%s), try {attempt + 1}")
                 time.sleep(0.2 * 2 ** attempt)
         else:
             log.error("%d results not stored; their runs will be taken again when the leases expire", len(batch))
