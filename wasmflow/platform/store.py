@@ -156,7 +156,7 @@ def _stored_keys(dialect: sa.Dialect, n: int) -> DriverStatement:
     e = events_table
     return DriverStatement(
         sa.select(e.c.dedupe_key, e.c.id).where(e.c.dedupe_key.in_(slot_params(n))),
-        dialect)
+        dialect, unprepared=True)
 
 
 def insert_many(cursor: Any, dialect: sa.Dialect, table: sa.Table, rows: list[dict[str, Any]],
@@ -179,10 +179,10 @@ def record_events(db: sa.Engine, events: list[NewEvent], wait: Optional[float] =
     processes on PostgreSQL); the INSERT then fails, and the caller retries event by event with
     `record_event`, which resolves each conflict on its own.
 
-    On PostgreSQL that SELECT is planned at each execution, never prepared: psycopg prepares a statement
-    after its fifth execution on a connection, and the server then keeps a generic plan made while the
-    events table was small, a sequential scan that compares every stored event with every key of the
-    batch. It went on scanning until an ANALYZE (a minute or more later): in a burst of 3,000
+    On PostgreSQL that SELECT is planned at each execution, never prepared (`unprepared=True`): psycopg
+    prepares a statement after its fifth execution on a connection, and the server then keeps a generic
+    plan made while the events table was small, a sequential scan that compares every stored event with
+    every key of the batch. It went on scanning until an ANALYZE (a minute or more later): in a burst of 3,000
     deliveries into a new database it cost the server about 50 us a delivery, growing with the table.
     Planning one SELECT a batch costs less than that.
     """
@@ -194,10 +194,7 @@ def record_events(db: sa.Engine, events: list[NewEvent], wait: Optional[float] =
         if keys:
             params = in_slots(keys)
             select = _stored_keys(dialect, len(params))
-            if dialect.name == "postgresql":  # planned for the table as it is now: see the docstring
-                cursor.execute(select.sql, select.params(params), prepare=False)
-            else:
-                cursor.execute(select.sql, select.params(params))
+            select.execute(cursor, params)  # planned for the table as it is now: see the docstring
             existing = dict(cursor.fetchall())
         fresh: list[NewEvent] = []
         results: list[Recorded] = []

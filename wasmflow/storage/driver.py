@@ -114,8 +114,12 @@ class DriverStatement:
     """
 
     def __init__(self, statement: Any, dialect: sa.Dialect, defaults: Optional[dict[str, Any]] = None,
-                 **compile_kw: Any) -> None:
+                 unprepared: bool = False, **compile_kw: Any) -> None:
+        """`unprepared` (PostgreSQL): `execute` has the server plan the statement at each execution, for
+        the values given, never with a generic plan psycopg's prepared statement would let it keep (see
+        `record_events`' duplicate check)."""
         compiled = statement.compile(dialect=dialect, **compile_kw)
+        self._execute_kw = {"prepare": False} if unprepared and dialect.name == "postgresql" else {}
         self.sql = str(compiled)
         if "POSTCOMPILE" in self.sql:  # an expanding IN list is rendered per execution, by SQLAlchemy
             raise ValueError("DriverStatement: give an IN list one bound value per item, not a Python list")
@@ -132,6 +136,9 @@ class DriverStatement:
         if self._defaults:
             values = {**self._defaults, **values}
         return self._pick(values) if self._pick is not None else values
+
+    def execute(self, cursor: Any, values: dict[str, Any]) -> None:
+        cursor.execute(self.sql, self.params(values), **self._execute_kw)
 
     def execute_many(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
         """Run the statement once per row (dicts with the same keys), as one executemany."""
