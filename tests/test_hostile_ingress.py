@@ -19,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from platform_support import OK_WAT, SECRET, ServerThread, deliver, scalar, signed, write_wat
+from platform_support import OK_WAT, SECRET, ServerThread, deliver, scalar, signed, wait_until, write_wat
 from wasmflow.platform.app import Options
 from wasmflow.platform.ingress import MAX_JSON_DEPTH, final_status
 
@@ -315,7 +315,6 @@ flows:
         def all_done() -> bool:
             return scalar(srv.platform.db, "SELECT count(*) FROM runs WHERE state = 'done'") == len(payloads)
 
-        from platform_support import wait_until
         wait_until(all_done, timeout=30, interval=0.05)
         for name, (_, action, repo, key) in payloads.items():
             with srv.platform.db.connect() as conn:

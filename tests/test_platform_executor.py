@@ -10,6 +10,7 @@ no guest can cause on purpose.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -164,16 +165,10 @@ def test_a_dispatcher_loop_survives_a_failure_that_is_not_the_database(tmp_path:
     error (a bug, a value no one expected) are logged with their traceback and retried: the loop's
     thread goes on, and every run completes once. Before, such a failure ended the thread, and the
     worker kept runs it would never finish."""
-    import logging
-
     from wasmflow.platform.metrics import Metrics
-    from wasmflow.platform.queue import Queue
-    from wasmflow.platform.store import NewEvent, NewRun, record_event
-    from wasmflow.platform.worker import Dispatcher
 
-    from platform_support import OK_WAT, scalar, wait_until, write_wat
-
-    runtime = make_runtime(tmp_path / "app", f"flows:\n  - name: ok\n    module: {write_wat(tmp_path / 'ok.wasm', OK_WAT)}\n")
+    flows = f"flows:\n  - name: ok\n    module: {write_wat(tmp_path / 'ok.wasm', OK_WAT)}\n"
+    runtime = make_runtime(tmp_path / "app", flows)
     queue = Queue(runtime.db, "w-faults")
     faults = {"claim": 1, "finish_many": 1, "recover_expired": 1}
 

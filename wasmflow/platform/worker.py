@@ -48,16 +48,14 @@ log = logging.getLogger("wasmflow.worker")
 PREFETCH_SECONDS = 0.1
 
 
-
-def _log_failure(exc: Exception, message: str) -> None:
+def _log_failure(exc: Exception, what: str, then: str = "retrying") -> None:
     """Log a failed step of a dispatcher loop that will retry it: a database error as a warning naming
     its kind (the store is down or busy: expected, and retried), anything else with its traceback (a bug,
     which must still not end the loop's thread: a claim, lease or result thread that died left the worker
     holding runs it would never finish)."""
-    if isinstance(exc, sa.exc.SQLAlchemyError):
-        log.warning(message, exc.__class__.__name__)
-    else:
-        log.exception(message, exc.__class__.__name__)
+    say = log.warning if isinstance(exc, sa.exc.SQLAlchemyError) else log.exception
+    say("%s failed (%s); %s", what, exc.__class__.__name__, then)
+
 
 def worker_name() -> str:
     """host:pid:random, unique per process start: what leases and the attempts table record."""
@@ -244,7 +242,7 @@ class Dispatcher:
                 failures = 0
             except Exception as exc:  # the store, or a bug: this thread must go on claiming either way
                 failures += 1
-                _log_failure(exc, "claiming runs failed (%s); retrying")
+                _log_failure(exc, "claiming runs")
                 self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
                 continue
             if not runs:
@@ -305,7 +303,7 @@ class Dispatcher:
                     log.warning("took back %d runs whose worker stopped renewing its lease", recovered)
                     self._wake.set()
             except Exception as exc:  # without this thread the runs here would lose their leases
-                _log_failure(exc, "lease maintenance failed (%s); retrying")
+                _log_failure(exc, "lease maintenance")
 
     # --- one run -----------------------------------------------------------------------------------
 
@@ -373,7 +371,7 @@ class Dispatcher:
                 finishes = self.queue.finish_many(batch)
                 break
             except Exception as exc:  # the store, or a bug: the slots below must be freed either way
-                _log_failure(exc, f"storing {len(batch)} results failed (%s), try {attempt + 1}")
+                _log_failure(exc, f"storing {len(batch)} results", f"try {attempt + 1} of 5")
                 time.sleep(0.2 * 2 ** attempt)
         else:
             log.error("%d results not stored; their runs will be taken again when the leases expire", len(batch))
