@@ -63,6 +63,45 @@ def test_corrupt_cache_entry_is_recompiled_not_trusted(engine, tmp_path):
     assert not engine.load(path, "f").from_cache
 
 
+def test_a_new_process_reads_the_module_shape_from_the_cache(tmp_path, monkeypatch):
+    """The shape is kept beside the compiled code: a new engine over the same cache parses nothing."""
+    import wasmflow.engine.wasmtime_engine as wasmtime_engine
+    from wasmflow.engine.module_shape import inspect
+
+    path = wasm(tmp_path / "m.wasm", "shaped")
+    first = WasmtimeEngine(Host.default(state_dir=tmp_path / "state"), tmp_path / "cache")
+    first.load(path, "f")
+
+    def no_parse(_wasm: bytes) -> None:
+        raise AssertionError("the module was parsed again")
+
+    monkeypatch.setattr(wasmtime_engine, "inspect", no_parse)
+    second = WasmtimeEngine(Host.default(state_dir=tmp_path / "state"), tmp_path / "cache")
+    module = second.load(path, "f")
+    assert module.from_cache and module.shape == inspect(path.read_bytes())
+    assert run(second, path) == b"shaped"
+
+
+def test_an_entry_of_the_older_layout_or_shape_format_is_not_trusted(engine, tmp_path):
+    import zlib
+
+    from wasmflow.engine.cache import CacheEntry
+
+    path = wasm(tmp_path / "m.wasm", "layout")
+    engine.load(path, "f")
+    entry = engine.cache.entry(path.read_bytes())
+    digest = entry.name[:-len(".bin")]
+    code = bytes(engine.cache.get(digest).code)
+    entry.write_bytes(zlib.crc32(code).to_bytes(4, "big") + code)  # the layout before shapes were kept
+    assert engine.cache.get(digest) is None
+    assert not engine.load(path, "f").from_cache
+    assert run(engine, path) == b"layout"
+    engine.cache.put(digest, code, b'{"format": 0}')  # a shape of another format: parsed afresh, code reused
+    module = engine.load(path, "f")
+    assert module.from_cache and module.shape.start is True
+    assert engine.cache.get(digest) == CacheEntry(memoryview(bytearray(code)), module.shape.to_json())  # rewritten
+
+
 def test_cache_is_keyed_by_engine_version(tmp_path):
     cache_dir = tmp_path / "cache"
     engine = WasmtimeEngine(Host.default(state_dir=tmp_path / "state"), cache_dir)

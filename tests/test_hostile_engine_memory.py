@@ -15,7 +15,7 @@ import wasmtime
 
 from hostile_support import PeakRss, engine_name, planted_secret, run_flow, assert_no_leak  # noqa: F401
 from wasmflow.engine import Status
-from wasmflow.engine.module_shape import MAX_MEMORIES, ModuleShapeError, inspect
+from wasmflow.engine.module_shape import MAX_MEMORIES, ModuleShape, ModuleShapeError, inspect
 
 
 def test_four_memories_are_refused_at_load_and_nothing_is_allocated(engine_name, planted_secret, tmp_path):
@@ -89,6 +89,51 @@ def test_the_shape_lists_the_function_imports_wasmtime_sees(guest_wasm):
         module = wasmtime.Module(engine, path.read_bytes())
         expected = tuple((i.module, i.name) for i in module.imports if isinstance(i.type, wasmtime.FuncType))
         assert expected and inspect(path.read_bytes()).function_imports == expected, name
+
+
+def test_the_shape_says_whether_start_is_a_command_entry_point_as_wasmtime_does(guest_wasm):
+    engine = wasmtime.Engine()
+    for name, path in guest_wasm.items():
+        start = next(e.type for e in wasmtime.Module(engine, path.read_bytes()).exports if e.name == "_start")
+        assert isinstance(start, wasmtime.FuncType) and not start.params and not start.results, name
+        assert inspect(path.read_bytes()).start is True, name
+
+
+@pytest.mark.parametrize("wat,start", [
+    ('(module (func (export "f")))', None),
+    ('(module (memory (export "_start") 1))', False),
+    ('(module (func) (func (param i32)) (export "_start" (func 1)))', False),
+    ('(module (func (param i32)) (func) (export "_start" (func 1)))', True),
+    ('(module (type (func)) (type (func (result i32))) (import "m" "a" (func (type 1))) (import "m" "b" (func (type 0)))'
+     ' (export "_start" (func 1)))', True),
+    ('(module (import "m" "a" (func (param i64))) (export "_start" (func 0)))', False),
+])
+def test_the_shape_finds_start_among_imported_and_defined_functions(wat, start):
+    assert inspect(wasmtime.wat2wasm(wat)).start is start
+
+
+@pytest.mark.parametrize("data", [
+    # _start names function 5 of a module with one
+    b"\0asm\1\0\0\0" b"\1\4\1\x60\0\0" b"\3\2\1\0" b"\7\x0a\1\6_start\0\5",
+    # _start's function has type 3 of one
+    b"\0asm\1\0\0\0" b"\1\4\1\x60\0\0" b"\3\2\1\3" b"\7\x0a\1\6_start\0\0",
+    # no function section at all
+    b"\0asm\1\0\0\0" b"\1\4\1\x60\0\0" b"\7\x0a\1\6_start\0\0",
+])
+def test_a_start_naming_what_the_module_lacks_is_an_error_not_a_crash(data):
+    with pytest.raises(ModuleShapeError):
+        inspect(data)
+
+
+def test_a_shape_survives_the_cache_and_nothing_else_passes_for_one(guest_wasm):
+    for name, path in guest_wasm.items():
+        shape = inspect(path.read_bytes())
+        assert ModuleShape.from_json(shape.to_json()) == shape, name
+    tables = inspect(wasmtime.wat2wasm('(module (table 2 10 funcref) (table 1 externref) (func (export "_start")))'))
+    assert len(tables.defined_tables) == 2 and ModuleShape.from_json(tables.to_json()) == tables
+    for junk in (b"", b"\xff\xfe", b"[]", b"null", b'{"format": 1}', tables.to_json().replace(b'"format":1', b'"format":0'),
+                 tables.to_json().replace(b'"memories":[]', b'"memories":[1]')):
+        assert ModuleShape.from_json(junk) is None, junk
 
 
 @pytest.mark.parametrize("data", [b"\0asm\1\0\0\0\5\x03\x01\x10\x01", b"\0asm\1\0\0\0\5\x80"])

@@ -3,7 +3,9 @@
 Host functions are defined as wasmtime "unchecked" callbacks (no per-call `Caller`/`Val` objects), so
 three things the old trampoline did for free are checked here on real modules: an i64 argument and a
 void result reach the body and the guest intact, and an exception `invoke` does not turn into a code
-(a BaseException) is not lost in C but raised out of `run` after the run's cleanup.
+(a BaseException) is not lost in C but raised out of `run` after the run's cleanup. And every argument
+kind arrives converted, at any arity, on both engines (the callback reads each slot's 64 bits and leaves
+the width to the conversion).
 """
 
 from __future__ import annotations
@@ -98,3 +100,48 @@ def test_base_exception_in_a_host_call_is_raised_after_cleanup(probe_engine, tmp
     assert probe.closed == 1
     # The engine is still usable, and the next run does not see the old exception.
     assert _run(engine, tmp_path, "record", RECORD_WAT).status is Status.OK
+
+
+class KindsCapability(Capability):
+    """Host functions of 7 and 9 parameters, every kind at the edge of its range."""
+
+    name = "kinds"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, ...]] = []
+
+    def functions(self) -> list[HostFunction]:
+        def record(call: Call, *args: int) -> int:
+            self.seen.append(args)
+            return 0
+
+        return [HostFunction("kinds", "seven", "i32 u32 ptr len i64 i32 i64", ("i32",), record),
+                HostFunction("kinds", "nine", "i64 i32 u32 i64 ptr i32 len i64 i32", ("i32",), record)]
+
+
+KINDS_WAT = """(module
+  (import "kinds" "seven" (func $seven (param i32 i32 i32 i32 i64 i32 i64) (result i32)))
+  (import "kinds" "nine" (func $nine (param i64 i32 i32 i64 i32 i32 i32 i64 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (drop (call $seven (i32.const -1) (i32.const -1) (i32.const 0x80000000) (i32.const 7)
+                       (i64.const 0x8000000000000000) (i32.const 0x7fffffff) (i64.const -1)))
+    (drop (call $nine (i64.const 0x7fffffffffffffff) (i32.const -2) (i32.const 0x80000000) (i64.const 0)
+                      (i32.const -1) (i32.const 0x80000000) (i32.const 0) (i64.const -2) (i32.const 1)))))
+"""
+
+
+def test_every_argument_kind_arrives_converted_at_any_arity(engine_name, tmp_path: Path) -> None:
+    """Signed kinds sign-extend from their width and the unsigned ones keep it, on both engines, for an
+    arity with its own caller (7) and one past them (9)."""
+    kinds = KindsCapability()
+    engine = make_engine(engine_name, Host.default(state_dir=tmp_path / "state", extra=[kinds]), tmp_path / "cache")
+    try:
+        result = _run(engine, tmp_path, "kinds", KINDS_WAT)
+    finally:
+        engine.close()
+    assert result.status is Status.OK, result.error
+    assert kinds.seen == [
+        (-1, 0xFFFFFFFF, 0x80000000, 7, -(1 << 63), 0x7FFFFFFF, -1),
+        ((1 << 63) - 1, -2, 0x80000000, 0, 0xFFFFFFFF, -(1 << 31), 0, -2, 1),
+    ]

@@ -7,14 +7,20 @@ load a module is refused if it declares more memories or tables than we can cap,
 the caps are split between its tables and checked against its minimums before anything is allocated.
 Both engines use this one parser, so they refuse the same modules with the same words.
 
-Only the type, import, table and memory sections are read; anything malformed there is a
-`ModuleShapeError`, which the engines report as an invalid module.
+It also says whether the module is a WASI command (a `_start` function taking and returning nothing), so
+both engines refuse a module that is not with the same words, before compiling it.
+
+Only the type, import, function, table, memory and export sections are read; anything malformed there is
+a `ModuleShapeError`, which the engines report as an invalid module. A shape is a pure function of the
+module's bytes, so it is kept beside the compiled code in the module cache (`to_json`, `from_json`): a
+new process's first run then reads it instead of parsing the module again.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 WASM_PAGE = 65536
 # A module may have one linear memory (Rust and C guests for wasm32-wasi have exactly one); with
@@ -23,7 +29,10 @@ MAX_MEMORIES = 1
 # Tables share `limits.table_elements` evenly; wasm32-wasi guests have at most one.
 MAX_TABLES = 8
 
-_SECTION_TYPE, _SECTION_IMPORT, _SECTION_TABLE, _SECTION_MEMORY = 1, 2, 4, 5
+_SECTION_TYPE, _SECTION_IMPORT, _SECTION_FUNCTION, _SECTION_TABLE, _SECTION_MEMORY, _SECTION_EXPORT = 1, 2, 3, 4, 5, 7
+_START = "_start"
+# Bumped whenever ModuleShape's fields change: a cached shape of another format is parsed afresh.
+_JSON_FORMAT = 1
 _FUNC_TYPE = 0x60
 _REF_TYPES = (0x63, 0x64)  # (ref null? heaptype): followed by a heap type (s33)
 
@@ -59,6 +68,9 @@ class ModuleShape:
     # (module, name) of each imported function: read here, the engine's own import list costs a new
     # process's first run a third of a millisecond (wasmtime-py builds an object per import and per name)
     function_imports: tuple[tuple[str, str], ...] = ()
+    # the `_start` export: None if there is none, True for a function taking and returning nothing (a WASI
+    # command's entry point), False for anything else
+    start: Optional[bool] = None
 
     def memory_min_bytes(self) -> int:
         return self.memories[0].min * WASM_PAGE if self.memories else 0
@@ -73,7 +85,46 @@ class ModuleShape:
         if self.gc_types:
             return ("it declares garbage-collected (struct or array) types, whose objects live outside linear "
                     "memory where the flow's memory cap cannot bound them; wasmflow does not run GC guests")
+        if self.start is None:
+            return "it has no _start export (build it as a WASI command: a bin crate)"
+        if not self.start:
+            return ("it exports _start, but not as a function without parameters and results (a WASI command's "
+                    "entry point): build it as a WASI command, a bin crate")
         return None
+
+    def to_json(self) -> bytes:
+        """The shape as the module cache keeps it beside the compiled code."""
+        return json.dumps({
+            "format": _JSON_FORMAT,
+            "memories": [[m.min, m.max] for m in self.memories],
+            "tables": [[t.min, t.max] for t in self.tables],
+            "defined_tables": [[t.limits.min, t.limits.max, t.ref_type.hex(), t.flags] for t in self.defined_tables],
+            "gc_types": self.gc_types,
+            "table_section": self.table_section,
+            "function_imports": self.function_imports,
+            "start": self.start,
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Optional[ModuleShape]":
+        """The shape `to_json` wrote, or None for anything else (another format, damage): parse afresh."""
+        try:
+            d: Any = json.loads(data)
+            if d["format"] != _JSON_FORMAT:
+                return None
+            section = d["table_section"]
+            return cls(
+                memories=tuple(Limits(lo, hi) for lo, hi in d["memories"]),
+                tables=tuple(Limits(lo, hi) for lo, hi in d["tables"]),
+                defined_tables=tuple(TableEntry(Limits(lo, hi), bytes.fromhex(ref), flags)
+                                     for lo, hi, ref, flags in d["defined_tables"]),
+                gc_types=bool(d["gc_types"]),
+                table_section=(int(section[0]), int(section[1])) if section is not None else None,
+                function_imports=tuple((str(m), str(n)) for m, n in d["function_imports"]),
+                start=d["start"],
+            )
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None
 
     def per_table_cap(self, table_elements: int) -> int:
         """Elements each table may hold so that all of them together stay within `table_elements`."""
@@ -180,13 +231,17 @@ def _sections(wasm: bytes) -> list[tuple[int, int, int, int]]:
 
 
 def inspect(wasm: bytes) -> ModuleShape:
-    """The module's memories, tables and GC use, from its binary; ModuleShapeError if malformed."""
+    """The module's memories, tables, GC use and entry point, from its binary; ModuleShapeError if malformed."""
     memories: list[Limits] = []
     tables: list[Limits] = []
     defined: list[TableEntry] = []
     gc_types = False
     table_section = None
     function_imports: list[tuple[str, str]] = []
+    types: list[bool] = []  # per function type: whether it takes and returns nothing
+    imported_types: list[int] = []  # the type index of each imported function
+    functions: Optional[_Reader] = None  # the function section, read only as far as `_start` needs
+    start_export: Optional[tuple[int, int]] = None  # (kind, index) of the `_start` export
     for section, start, payload, end in _sections(wasm):
         reader = _Reader(wasm, payload, end)
         if section == _SECTION_TYPE:
@@ -195,15 +250,18 @@ def inspect(wasm: bytes) -> ModuleShape:
                 if form != _FUNC_TYPE:  # rec groups, sub types, struct and array types
                     gc_types = True
                     break
+                counts = []
                 for _ in range(2):  # parameters, then results
-                    for _ in range(reader.uleb()):
+                    counts.append(reader.uleb())
+                    for _ in range(counts[-1]):
                         reader.value_type()
+                types.append(counts == [0, 0])
         elif section == _SECTION_IMPORT:
             for _ in range(reader.uleb()):
                 module, name = reader.name(), reader.name()
                 kind = reader.byte()
                 if kind == 0x00:  # function: type index
-                    reader.uleb()
+                    imported_types.append(reader.uleb())
                     function_imports.append((module, name))
                 elif kind == 0x01:  # table
                     reader.ref_type()
@@ -218,6 +276,8 @@ def inspect(wasm: bytes) -> ModuleShape:
                     reader.uleb()
                 else:
                     raise ModuleShapeError(f"unknown import kind {kind:#x}")
+        elif section == _SECTION_FUNCTION:
+            functions = reader
         elif section == _SECTION_TABLE:
             table_section = (start, end)
             for _ in range(reader.uleb()):
@@ -230,7 +290,41 @@ def inspect(wasm: bytes) -> ModuleShape:
         elif section == _SECTION_MEMORY:
             for _ in range(reader.uleb()):
                 memories.append(reader.limits()[0])
-    return ModuleShape(tuple(memories), tuple(tables), tuple(defined), gc_types, table_section, tuple(function_imports))
+        elif section == _SECTION_EXPORT:
+            for _ in range(reader.uleb()):
+                name = reader.name()
+                kind, index = reader.byte(), reader.uleb()
+                if name == _START:
+                    start_export = (kind, index)
+                    break
+    # A GC module's types were not all read; it is refused for its GC types whatever its _start.
+    start = False if gc_types else _is_command_start(start_export, types, imported_types, functions)
+    return ModuleShape(tuple(memories), tuple(tables), tuple(defined), gc_types, table_section, tuple(function_imports),
+                       start)
+
+
+def _is_command_start(export: Optional[tuple[int, int]], types: list[bool], imported_types: list[int],
+                      functions: "Optional[_Reader]") -> Optional[bool]:
+    """ModuleShape.start: whether the `_start` export is a function of type [] -> [] (None: no export)."""
+    if export is None:
+        return None
+    kind, index = export
+    if kind != 0x00:  # a memory, table, global or tag named _start
+        return False
+    if index < len(imported_types):
+        type_index = imported_types[index]
+    else:
+        if functions is None:
+            raise ModuleShapeError("_start names a function the module does not have")
+        count = functions.uleb()
+        if index - len(imported_types) >= count:
+            raise ModuleShapeError("_start names a function the module does not have")
+        for _ in range(index - len(imported_types)):
+            functions.uleb()
+        type_index = functions.uleb()
+    if type_index >= len(types):
+        raise ModuleShapeError("_start has a type the module does not declare")
+    return types[type_index]
 
 
 def _uleb(value: int) -> bytes:

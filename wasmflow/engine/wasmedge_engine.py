@@ -588,7 +588,8 @@ class WasmEdgeEngine:
         return int(ast.value)  # type: ignore[arg-type]
 
     def _link_check(self, ast: int, flow_name: str, path: Path) -> None:
-        """Refuse, at load, a module importing anything we do not provide at the type it expects."""
+        """Refuse, at load, a module importing anything we do not provide at the type it expects (its
+        `_start` was checked with its shape)."""
         lib = self.lib
         count = lib.WasmEdge_ASTModuleListImportsLength(ast)
         imports = (ctypes.c_void_p * max(1, count))()
@@ -605,17 +606,6 @@ class WasmEdgeEngine:
                 raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: unknown import: {where} has not been defined")
             if self._signature(lib.WasmEdge_ImportTypeGetFunctionType(ast, imp)) != expected:
                 raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: incompatible import type for {where}")
-        count = lib.WasmEdge_ASTModuleListExportsLength(ast)
-        exports = (ctypes.c_void_p * max(1, count))()
-        lib.WasmEdge_ASTModuleListExports(ast, exports, count)
-        start = next((exports[i] for i in range(count)
-                      if lib.WasmEdge_ExportTypeGetExternalType(exports[i]) == capi.EXTERNAL_FUNCTION
-                      and capi.read_string(lib.WasmEdge_ExportTypeGetExternalName(exports[i])) == "_start"), None)
-        if start is None:
-            raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
-        if self._signature(lib.WasmEdge_ExportTypeGetFunctionType(ast, start)) != ((), ()):
-            raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
-                              "and results (a WASI command's entry point): build it as a WASI command, a bin crate")
 
     # -- running -------------------------------------------------------------------------------
 

@@ -117,44 +117,73 @@ def _trap(message: str) -> int:
     return ctypes.cast(ffi.wasmtime_trap_new(data, len(data)), ctypes.c_void_p).value or 0
 
 
+_VALUE_KINDS = {"i32": ffi.WASM_I32, "i64": ffi.WASM_I64}
+
+
 @functools.lru_cache(maxsize=None)
-def _slot_reader(fields: tuple[str, ...]) -> Callable[[Any], tuple[int, ...]]:
-    """`read(slots)`: the raw argument slots of one signature as a tuple, compiled once (no loop)."""
-    if len(fields) < len(_I32_READERS) and all(f == "i32" for f in fields):
-        return _I32_READERS[len(fields)]
-    getters = "".join(f"slots[{i}].{f}, " for i, f in enumerate(fields))
-    namespace: dict[str, Any] = {}
-    exec(f"def read(slots):\n    return ({getters})\n", namespace)  # noqa: S102
-    return namespace["read"]
+def _func_type(params: tuple[str, ...], results: tuple[str, ...]) -> wasmtime.FuncType:
+    """The function type of a host function's signature, made once per process (a few signatures serve
+    dozens of functions; the linker copies the type).
+
+    Built on the C API directly: `wasmtime.FuncType([ValType.i32(), ...], ...)` wraps and re-creates
+    each value type, 30-150 µs a signature against 10-20, paid by a new process's first load."""
+    vectors = []
+    for kinds in (params, results):
+        vector = ffi.wasm_valtype_vec_t()
+        ffi.wasm_valtype_vec_new_uninitialized(ctypes.byref(vector), len(kinds))
+        for i, kind in enumerate(kinds):
+            vector.data[i] = ffi.wasm_valtype_new(_VALUE_KINDS[kind])
+        vectors.append(vector)
+    ptr = ffi.wasm_functype_new(ctypes.byref(vectors[0]), ctypes.byref(vectors[1]))  # takes the vectors
+    if not ptr:
+        raise wasmtime.WasmtimeError("failed to allocate a function type")
+    return wasmtime.FuncType._from_ptr(ptr, None)
 
 
-# The readers `_slot_reader` would compile for the common shapes (every argument an i32), written out so
-# that they come compiled with the package (`exec` costs about 50 µs a signature, in the first run).
-def _i32x0(slots: Any) -> tuple[int, ...]:
+def _slot_reader(arity: int) -> Callable[[Any], tuple[int, ...]]:
+    """`read(slots)`: the raw argument slots of a host call as a tuple of ints.
+
+    Every slot is read as its 64 bits, whatever the parameter's type: `invoke`'s conversions look only at
+    the bits of the declared width (spec.ARG_KINDS), and an i32 lies in a slot's low half. So a reader
+    depends on the arity alone, and the common ones are written out (no loop, no `exec`)."""
+    if arity < len(_READERS):
+        return _READERS[arity]
+    return lambda slots: tuple(slots[i].i64 for i in range(arity))
+
+
+def _read0(slots: Any) -> tuple[int, ...]:
     return ()
 
 
-def _i32x1(slots: Any) -> tuple[int, ...]:
-    return (slots[0].i32,)
+def _read1(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64,)
 
 
-def _i32x2(slots: Any) -> tuple[int, ...]:
-    return (slots[0].i32, slots[1].i32)
+def _read2(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64, slots[1].i64)
 
 
-def _i32x3(slots: Any) -> tuple[int, ...]:
-    return (slots[0].i32, slots[1].i32, slots[2].i32)
+def _read3(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64, slots[1].i64, slots[2].i64)
 
 
-def _i32x4(slots: Any) -> tuple[int, ...]:
-    return (slots[0].i32, slots[1].i32, slots[2].i32, slots[3].i32)
+def _read4(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64, slots[1].i64, slots[2].i64, slots[3].i64)
 
 
-def _i32x5(slots: Any) -> tuple[int, ...]:
-    return (slots[0].i32, slots[1].i32, slots[2].i32, slots[3].i32, slots[4].i32)
+def _read5(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64, slots[1].i64, slots[2].i64, slots[3].i64, slots[4].i64)
 
 
-_I32_READERS = (_i32x0, _i32x1, _i32x2, _i32x3, _i32x4, _i32x5)
+def _read6(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64, slots[1].i64, slots[2].i64, slots[3].i64, slots[4].i64, slots[5].i64)
+
+
+def _read7(slots: Any) -> tuple[int, ...]:
+    return (slots[0].i64, slots[1].i64, slots[2].i64, slots[3].i64, slots[4].i64, slots[5].i64, slots[6].i64)
+
+
+_READERS = (_read0, _read1, _read2, _read3, _read4, _read5, _read6, _read7)
 
 
 def adapt(fn: HostFunction) -> Callable[..., int]:
@@ -166,12 +195,11 @@ def adapt(fn: HostFunction) -> Callable[..., int]:
     exactly `fn.wasm_params`. `Halt` (and anything `invoke` lets through) becomes a trap; `_execute`
     re-raises what is not a `Halt`, and a halted run's status comes from `RunContext.halted`.
     """
-    fields = tuple(fn.wasm_params)
     if len(fn.results) > 1:
         raise ValueError(f"{fn.module}::{fn.name}: host functions return at most one value")
     result = fn.results[0] if fn.results else None
-    nargs = len(fields)
-    read = _slot_reader(fields)
+    nargs = len(fn.wasm_params)
+    read = _slot_reader(nargs)
 
     def call(_env: Any, caller: Any, slots: Any, _n: int) -> int:
         try:
@@ -229,7 +257,6 @@ class WasmtimeEngine:
         # Host functions are defined on the linker when a module that imports them is loaded: a process
         # offers dozens and a guest imports a few, and each costs a callback and a compiled reader.
         self._undefined = {(fn.module, fn.name): fn for fn in host.functions()}
-        self._types: dict[tuple[tuple[str, ...], tuple[str, ...]], wasmtime.FuncType] = {}  # the linker copies them
         self._define_lock = threading.Lock()
 
     @property
@@ -252,33 +279,36 @@ class WasmtimeEngine:
             except wasmtime.WasmtimeError as exc:
                 raise ModuleError(f"flow {flow_name!r}: {path} is not a valid module: {_first_line(exc)}") from None
 
-        try:
-            shape = inspect(wasm)
-        except ModuleShapeError as exc:
-            compile_()  # wasmtime's own error for a malformed module says more than ours
-            raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {exc}") from None
-        refusal = shape.refusal()
+        digest = module_sha256(wasm)
+        cached = self.cache.get(digest)
+        # The shape kept beside the compiled code spares parsing the module again in each new process.
+        shape = ModuleShape.from_json(cached.facts) if cached is not None else None
+        parsed = shape is None  # then it is stored with the code, for the next process
+        if shape is None:
+            try:
+                shape = inspect(wasm)
+            except ModuleShapeError as exc:
+                compile_()  # wasmtime's own error for a malformed module says more than ours
+                raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {exc}") from None
+        refusal = shape.refusal()  # checked again on every load: the rules may be newer than the entry
         if refusal:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be run: {refusal}")
-        digest = module_sha256(wasm)
-        serialized, from_cache = self.cache.get_or_compile(wasm, compile_, digest)
-        try:
-            module = wasmtime.Module.deserialize(self.engine, serialized)
-        except wasmtime.WasmtimeError:  # compiled under another engine configuration: compile afresh
-            serialized, from_cache = self.cache.replace(wasm, compile_(), digest), False
-            module = wasmtime.Module.deserialize(self.engine, serialized)
+        module = _deserialize(self.engine, cached.code) if cached is not None else None
+        from_cache = module is not None
+        if module is None:  # not cached, or compiled under another engine configuration: compile afresh
+            code = compile_()
+            self.cache.put(digest, code, shape.to_json())
+            module = _deserialize(self.engine, bytearray(code))
+            if module is None:
+                raise ModuleError(f"flow {flow_name!r}: {path}: wasmtime cannot load the code it just compiled")
+        elif parsed:  # an entry without a shape this code can read
+            self.cache.put(digest, cached.code, shape.to_json())
         try:
             with self._define_lock:  # the linker is mutated here and read by instantiate_pre
                 self._define_imports(shape.function_imports)
                 pre = self.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"flow {flow_name!r}: {path} cannot be linked: {_first_line(exc)}") from None
-        start = next((e.type for e in module.exports if e.name == "_start"), None)
-        if start is None:
-            raise ModuleError(f"flow {flow_name!r}: {path} has no _start export (build it as a WASI command: a bin crate)")
-        if not isinstance(start, wasmtime.FuncType) or start.params or start.results:
-            raise ModuleError(f"flow {flow_name!r}: {path} exports _start, but not as a function without parameters "
-                              "and results (a WASI command's entry point): build it as a WASI command, a bin crate")
         return WasmtimeModule(flow_name, path, module, pre, from_cache, shape, digest)
 
     def _define_imports(self, imports: tuple[tuple[str, str], ...]) -> None:
@@ -290,13 +320,7 @@ class WasmtimeEngine:
                 self._define(fn)
 
     def _define(self, fn: HostFunction) -> None:
-        signature = (tuple(fn.wasm_params), tuple(fn.results))
-        ty = self._types.get(signature)
-        if ty is None:  # a few signatures serve dozens of functions: built once each
-            ty = self._types[signature] = wasmtime.FuncType(
-                [getattr(wasmtime.ValType, t)() for t in fn.wasm_params],
-                [getattr(wasmtime.ValType, t)() for t in fn.results],
-            )
+        ty = _func_type(tuple(fn.wasm_params), tuple(fn.results))
         callback = ffi.wasmtime_func_unchecked_callback_t(adapt(fn))
         self._callbacks.append(callback)  # the C side keeps only the pointer
         module_name, func_name = fn.module.encode(), fn.name.encode()
@@ -552,6 +576,19 @@ def _set_argv_env(wasi: wasmtime.WasiConfig, argv: tuple[str, ...], env: dict[st
         raise wasmtime.WasmtimeError("failed to configure argv")
     if not ffi.wasi_config_set_env(wasi.ptr(), len(names), _char_array(names), _char_array(values)):
         raise wasmtime.WasmtimeError("failed to configure environment")
+
+
+def _deserialize(engine: wasmtime.Engine, code: Any) -> "wasmtime.Module | None":
+    """The module compiled into `code` (a writable buffer: the cache's entry), or None where this engine
+    cannot load it (another wasmtime version or configuration). `Module.deserialize` would copy the
+    code twice before wasmtime copies it into executable memory."""
+    ptr = ctypes.POINTER(ffi.wasmtime_module_t)()
+    error = ffi.wasmtime_module_deserialize(engine.ptr(), (ctypes.c_uint8 * len(code)).from_buffer(code), len(code),
+                                            ctypes.byref(ptr))
+    if error:
+        wasmtime.WasmtimeError._from_ptr(error)  # frees it
+        return None
+    return wasmtime.Module._from_ptr(ptr)
 
 
 def _export_func(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> wasmtime.Func:

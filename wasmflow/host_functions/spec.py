@@ -176,66 +176,98 @@ def i32s(n: int) -> tuple[str, ...]:
     return ("i32",) * n
 
 
-# Parameter kinds a host function declares: kind -> (wasm type, how `invoke` converts the engine's raw
-# integer). wasmtime-py passes signed values and WasmEdge the raw bits; each conversion accepts both.
-ARG_KINDS: dict[str, tuple[str, str]] = {
-    "ptr": ("i32", "({0} & 0xFFFFFFFF)"),  # an address in guest memory
-    "len": ("i32", "({0} & 0xFFFFFFFF)"),  # a byte count
-    "u32": ("i32", "({0} & 0xFFFFFFFF)"),  # a handle, an index, an enum value
-    "i32": ("i32", "((({0} + 0x80000000) & 0xFFFFFFFF) - 0x80000000)"),  # signed: a log level, an HTTP status
-    "i64": ("i64", "((({0} + 0x8000000000000000) & 0xFFFFFFFFFFFFFFFF) - 0x8000000000000000)"),  # kv_increment's delta
+# Parameter kinds a host function declares: kind -> (wasm type, bias, mask). `invoke` converts the engine's
+# raw integer x to ((x + bias) & mask) - bias: the unsigned kinds keep the low 32 bits, the signed ones
+# sign-extend from their width. It looks at nothing above the kind's width, so it accepts wasmtime-py's
+# signed values, WasmEdge's raw bits, and a 64-bit slot whose upper half an i32 argument left unset.
+ARG_KINDS: dict[str, tuple[str, int, int]] = {
+    "ptr": ("i32", 0, 0xFFFFFFFF),  # an address in guest memory
+    "len": ("i32", 0, 0xFFFFFFFF),  # a byte count
+    "u32": ("i32", 0, 0xFFFFFFFF),  # a handle, an index, an enum value
+    "i32": ("i32", 0x80000000, 0xFFFFFFFF),  # signed: a log level, an HTTP status
+    "i64": ("i64", 0x8000000000000000, 0xFFFFFFFFFFFFFFFF),  # kv_increment's delta
 }
 
 
-@functools.lru_cache(maxsize=None)
 def _caller(kinds: tuple[str, ...]) -> Callable[..., int]:
-    """`apply(body, call, args)` for one signature: calls body(call, *converted args), compiled once into
-    a single call expression. It runs on every host call, where converting in a loop would cost several
-    times more than the call itself."""
-    conversions = tuple(ARG_KINDS[k][1] for k in kinds)
-    if len(conversions) < len(_UNSIGNED_CALLERS) and all(c == ARG_KINDS["u32"][1] for c in conversions):
-        return _UNSIGNED_CALLERS[len(conversions)]
-    names = [f"a{i}" for i in range(len(kinds))]
-    unpack = f"    {', '.join(names)}, = args\n" if names else ""
-    values = "".join(", " + c.format(n) for c, n in zip(conversions, names))
-    namespace: dict[str, Any] = {}
-    exec(f"def apply(body, call, args):\n{unpack}    return body(call{values})\n", namespace)  # noqa: S102
-    return namespace["apply"]
+    """`apply(body, call, args)` for one signature: body(call, *converted args).
+
+    It runs on every host call, where converting in a loop would cost several times more than the call
+    itself, so each arity has its own function with the conversions written out (and `exec`, which
+    would compile one per signature, cost a new process's first run about 50 µs a signature)."""
+    conversions = [value for kind in kinds for value in ARG_KINDS[kind][1:]]
+    if len(kinds) < len(_CALLERS):
+        return _CALLERS[len(kinds)](*conversions)
+    pairs = tuple(zip(conversions[::2], conversions[1::2]))
+
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:  # more parameters than any ABI call
+        return body(call, *[((a + b) & m) - b for a, (b, m) in zip(args, pairs)])
+    return apply
 
 
-# The callers `_caller` would compile for the common shapes, every parameter a pointer, length or handle,
-# written out so that they come compiled with the package: `exec` costs about 50 µs a signature, and a
-# new process's first run used to compile half a dozen.
-def _unsigned0(body: Callable[..., int], call: "Call", args: Any) -> int:
-    return body(call)
+def _caller0() -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        return body(call)
+    return apply
 
 
-def _unsigned1(body: Callable[..., int], call: "Call", args: Any) -> int:
-    a0, = args
-    return body(call, a0 & 0xFFFFFFFF)
+def _caller1(b0: int, m0: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, = args
+        return body(call, ((a0 + b0) & m0) - b0)
+    return apply
 
 
-def _unsigned2(body: Callable[..., int], call: "Call", args: Any) -> int:
-    a0, a1 = args
-    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF)
+def _caller2(b0: int, m0: int, b1: int, m1: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, a1 = args
+        return body(call, ((a0 + b0) & m0) - b0, ((a1 + b1) & m1) - b1)
+    return apply
 
 
-def _unsigned3(body: Callable[..., int], call: "Call", args: Any) -> int:
-    a0, a1, a2 = args
-    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF)
+def _caller3(b0: int, m0: int, b1: int, m1: int, b2: int, m2: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, a1, a2 = args
+        return body(call, ((a0 + b0) & m0) - b0, ((a1 + b1) & m1) - b1, ((a2 + b2) & m2) - b2)
+    return apply
 
 
-def _unsigned4(body: Callable[..., int], call: "Call", args: Any) -> int:
-    a0, a1, a2, a3 = args
-    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF, a3 & 0xFFFFFFFF)
+def _caller4(b0: int, m0: int, b1: int, m1: int, b2: int, m2: int, b3: int, m3: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, a1, a2, a3 = args
+        return body(call, ((a0 + b0) & m0) - b0, ((a1 + b1) & m1) - b1, ((a2 + b2) & m2) - b2,
+                    ((a3 + b3) & m3) - b3)
+    return apply
 
 
-def _unsigned5(body: Callable[..., int], call: "Call", args: Any) -> int:
-    a0, a1, a2, a3, a4 = args
-    return body(call, a0 & 0xFFFFFFFF, a1 & 0xFFFFFFFF, a2 & 0xFFFFFFFF, a3 & 0xFFFFFFFF, a4 & 0xFFFFFFFF)
+def _caller5(b0: int, m0: int, b1: int, m1: int, b2: int, m2: int, b3: int, m3: int,
+             b4: int, m4: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, a1, a2, a3, a4 = args
+        return body(call, ((a0 + b0) & m0) - b0, ((a1 + b1) & m1) - b1, ((a2 + b2) & m2) - b2,
+                    ((a3 + b3) & m3) - b3, ((a4 + b4) & m4) - b4)
+    return apply
 
 
-_UNSIGNED_CALLERS = (_unsigned0, _unsigned1, _unsigned2, _unsigned3, _unsigned4, _unsigned5)
+def _caller6(b0: int, m0: int, b1: int, m1: int, b2: int, m2: int, b3: int, m3: int,
+             b4: int, m4: int, b5: int, m5: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, a1, a2, a3, a4, a5 = args
+        return body(call, ((a0 + b0) & m0) - b0, ((a1 + b1) & m1) - b1, ((a2 + b2) & m2) - b2,
+                    ((a3 + b3) & m3) - b3, ((a4 + b4) & m4) - b4, ((a5 + b5) & m5) - b5)
+    return apply
+
+
+def _caller7(b0: int, m0: int, b1: int, m1: int, b2: int, m2: int, b3: int, m3: int,
+             b4: int, m4: int, b5: int, m5: int, b6: int, m6: int) -> Callable[..., int]:
+    def apply(body: Callable[..., int], call: "Call", args: Any) -> int:
+        a0, a1, a2, a3, a4, a5, a6 = args
+        return body(call, ((a0 + b0) & m0) - b0, ((a1 + b1) & m1) - b1, ((a2 + b2) & m2) - b2,
+                    ((a3 + b3) & m3) - b3, ((a4 + b4) & m4) - b4, ((a5 + b5) & m5) - b5, ((a6 + b6) & m6) - b6)
+    return apply
+
+
+_CALLERS = (_caller0, _caller1, _caller2, _caller3, _caller4, _caller5, _caller6, _caller7)
 
 
 @dataclass(frozen=True)
@@ -258,26 +290,24 @@ class HostFunction:
     apply: Callable[..., int] = field(init=False, repr=False, compare=False)  # (body, call, raw args) -> code
 
     def __post_init__(self) -> None:
-        kinds = tuple(self.params.split()) if isinstance(self.params, str) else tuple(self.params)
-        unknown = [k for k in kinds if k not in ARG_KINDS]
-        if unknown:
-            raise ValueError(f"{self.module}::{self.name}: unknown parameter kind {unknown[0]!r} "
-                             f"(one of {', '.join(ARG_KINDS)})")
+        try:
+            kinds, wasm_params, apply = _signature(self.params if isinstance(self.params, str) else tuple(self.params))
+        except KeyError as exc:
+            raise ValueError(f"{self.module}::{self.name}: unknown parameter kind {exc.args[0]!r} "
+                             f"(one of {', '.join(ARG_KINDS)})") from None
         object.__setattr__(self, "params", kinds)
-        object.__setattr__(self, "wasm_params", tuple(ARG_KINDS[k][0] for k in kinds))
-        object.__setattr__(self, "apply", _compile_on_first_call(self, kinds))
+        object.__setattr__(self, "wasm_params", wasm_params)
+        object.__setattr__(self, "apply", apply)
 
 
-def _compile_on_first_call(fn: "HostFunction", kinds: tuple[str, ...]) -> Callable[..., int]:
-    """A stand-in `apply` that compiles the signature's caller when the function is first called.
+@functools.lru_cache(maxsize=None)
+def _signature(params: "str | tuple[str, ...]") -> tuple[tuple[str, ...], tuple[str, ...], Callable[..., int]]:
+    """(kinds, wasm types, caller) of a parameter declaration; KeyError names an unknown kind.
 
-    A process registers every import of every capability but a run calls a few: compiling callers up
-    front cost a new process's first run a few tenths of a millisecond for signatures no guest used."""
-    def first_call(body: Callable[..., int], call: "Call", args: Any) -> int:
-        apply = _caller(kinds)
-        object.__setattr__(fn, "apply", apply)
-        return apply(body, call, args)
-    return first_call
+    Made once per distinct declaration: a host makes dozens of HostFunctions of a few signatures each
+    time an engine is created, which is a new process's first run."""
+    kinds = tuple(params.split()) if isinstance(params, str) else params
+    return kinds, tuple(ARG_KINDS[k][0] for k in kinds), _caller(kinds)
 
 
 def invoke(fn: "HostFunction", call: "Call", args: "tuple[int, ...] | list[int]") -> int:
