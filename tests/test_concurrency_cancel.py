@@ -176,3 +176,39 @@ flows:
         assert scalar(db_, "SELECT status FROM runs WHERE id = :i", i=run_id) == "cancelled"
         assert "operator" in (scalar(db_, "SELECT error FROM runs WHERE id = :i", i=run_id) or "")
     runtime.close()
+
+
+def test_the_cancel_watcher_outlives_a_failing_poll(db, caplog):
+    """A poll that raises something other than a database error (a bug) is logged with its traceback
+    and retried: the watcher's thread must not die, or no cancel would reach the runs held after it."""
+    import threading
+
+    from wasmflow.platform.cancel import CancelWatcher
+
+    (run_id,) = enqueue(db)
+    Queue(db, "w1").claim(1)
+    Queue(db, "other").cancel(run_id, by="alice")
+    polls: list[int] = []
+    heard = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def held() -> list[str]:
+        polls.append(1)
+        if len(polls) == 1:
+            raise RuntimeError("a bug in the holder")
+        return [run_id]
+
+    def on_cancel(rid: str, by: str) -> None:
+        seen.append((rid, by))
+        heard.set()
+
+    watcher = CancelWatcher(db, held, on_cancel)
+    with caplog.at_level("WARNING", logger="wasmflow.cancel"):
+        watcher.start()
+        try:
+            assert heard.wait(10), "the watcher stopped polling after the failure"
+        finally:
+            watcher.stop()
+    assert seen[0] == (run_id, "alice")
+    failure = next(r for r in caplog.records if "reading cancel requests failed (RuntimeError)" in r.getMessage())
+    assert failure.exc_info is not None  # a bug: logged with its traceback, not as a database hiccup

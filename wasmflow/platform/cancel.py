@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import sqlalchemy as sa
 
+from wasmflow.platform.loop_failures import log_retry
 from wasmflow.storage.driver import DriverStatement, driver_transaction, in_slots, slot_params
 from wasmflow.storage.schema import runs_table
 
@@ -118,17 +119,13 @@ class CancelWatcher:
     def _poll_loop(self) -> None:
         interval = PG_POLL_SECONDS if self.postgres else POLL_SECONDS
         while not self._stop.wait(interval):
-            ids = self.held()
-            if not ids:
-                continue
             try:
-                marks = cancel_marks(self.db, ids)
-            except sa.exc.SQLAlchemyError as exc:
-                log.warning("reading cancel requests failed (%s); retrying", exc.__class__.__name__)
+                ids = self.held()
+                for run_id, by in cancel_marks(self.db, ids).items():
+                    self.on_cancel(run_id, by)
+            except Exception as exc:  # whatever failed, a later poll must still stop cancelled runs
+                log_retry(log, exc, "reading cancel requests")
                 self._stop.wait(1.0)
-                continue
-            for run_id, by in marks.items():
-                self.on_cancel(run_id, by)
 
     def _listen_loop(self) -> None:
         import psycopg

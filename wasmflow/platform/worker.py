@@ -37,6 +37,7 @@ from wasmflow.host_functions.spec import CancelSignal
 from wasmflow.platform.ack_first import AckFirst
 from wasmflow.platform.cancel import CancelWatcher, cancel_reason
 from wasmflow.platform.executor import Runner, execute, report
+from wasmflow.platform.loop_failures import log_retry
 from wasmflow.platform.metrics import Metrics
 from wasmflow.platform.notify import Listener
 from wasmflow.platform.queue import ClaimedRun, Finish, Outcome, Queue
@@ -46,15 +47,6 @@ log = logging.getLogger("wasmflow.worker")
 
 # How far ahead a worker claims when runs are short: what its threads get through in about this long.
 PREFETCH_SECONDS = 0.1
-
-
-def _log_failure(exc: Exception, what: str, then: str = "retrying") -> None:
-    """Log a failed step of a dispatcher loop that will retry it: a database error as a warning naming
-    its kind (the store is down or busy: expected, and retried), anything else with its traceback (a bug,
-    which must still not end the loop's thread: a claim, lease or result thread that died left the worker
-    holding runs it would never finish)."""
-    say = log.warning if isinstance(exc, sa.exc.SQLAlchemyError) else log.exception
-    say("%s failed (%s); %s", what, exc.__class__.__name__, then)
 
 
 def worker_name() -> str:
@@ -242,7 +234,7 @@ class Dispatcher:
                 failures = 0
             except Exception as exc:  # the store, or a bug: this thread must go on claiming either way
                 failures += 1
-                _log_failure(exc, "claiming runs")
+                log_retry(log, exc, "claiming runs")
                 self._stopping.wait(min(5.0, 0.1 * 2 ** failures))
                 continue
             if not runs:
@@ -303,7 +295,7 @@ class Dispatcher:
                     log.warning("took back %d runs whose worker stopped renewing its lease", recovered)
                     self._wake.set()
             except Exception as exc:  # without this thread the runs here would lose their leases
-                _log_failure(exc, "lease maintenance")
+                log_retry(log, exc, "lease maintenance")
 
     # --- one run -----------------------------------------------------------------------------------
 
@@ -371,7 +363,7 @@ class Dispatcher:
                 finishes = self.queue.finish_many(batch)
                 break
             except Exception as exc:  # the store, or a bug: the slots below must be freed either way
-                _log_failure(exc, f"storing {len(batch)} results", f"try {attempt + 1} of 5")
+                log_retry(log, exc, f"storing {len(batch)} results", f"try {attempt + 1} of 5")
                 time.sleep(0.2 * 2 ** attempt)
         else:
             log.error("%d results not stored; their runs will be taken again when the leases expire", len(batch))
