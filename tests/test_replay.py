@@ -288,3 +288,20 @@ def test_the_transcript_names_the_build_the_run_loaded(tmp_path: Path, engine_na
         rt.close()
     assert hashlib.sha256(wasm.read_bytes()).hexdigest() != loaded
     assert transcript.doc["module_sha256"] == loaded
+
+
+def test_transcripts_stored_in_the_background_are_kept_and_close_ends_the_writer(tmp_path: Path) -> None:
+    """The workers hand transcripts to a writer thread; closing the runtime stores what is pending and
+    ends that thread before it returns (nothing of a closed runtime keeps running)."""
+    import threading
+
+    wasm = write_wat(tmp_path / "clock.wasm", CLOCK_WAT)
+    rt = make(tmp_path, wasm, "wasmtime")
+    results = [rt.run("g", Event("manual")) for _ in range(5)]
+    assert all(r.ok for r in results) and all(persist(rt, r, wait=False) == 0 for r in results)
+    writers = [t for t in threading.enumerate() if t.name == "wasmflow-transcripts"]
+    assert writers
+    db = rt.db
+    rt.close()
+    assert not any(t.is_alive() for t in writers)
+    assert all(load_transcript(db, r.run_id) is not None for r in results)

@@ -356,9 +356,12 @@ class TranscriptWriter:
                 return
 
     def close(self, timeout: float = 30.0) -> None:
-        """Store what is pending, then end the writer's thread."""
+        """Store what is pending, then end the writer's thread (and wait for it: a closed runtime leaves
+        no thread of its own behind)."""
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         self._queue.put(None)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 _writers: "weakref.WeakKeyDictionary[Any, TranscriptWriter]" = weakref.WeakKeyDictionary()
