@@ -27,7 +27,7 @@ def skip_without(name: str) -> None:
         # not installed: the fixed reason CI looks for
         skip_unless(not ("not found" in problem or "names no" in problem), WASMEDGE_SKIP)
         # present but unusable (a wrong version, a broken build): say why; under CI a failure
-        require(False, f"libwasmedge is present but cannot be used: {problem}")
+        require(problem is None, f"libwasmedge is present but cannot be used: {problem}")
 
 
 @pytest.fixture(params=list(ENGINES))
