@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import Flow, FlowsFile, Retry
 from wasmflow.platform.queue import MAX_LEASE_LOSSES, Queue, ReplayError, backoff_delay, replay
-from wasmflow.platform.store import NewEvent, NewRun, record_event
+from wasmflow.platform.store import NewEvent, NewRun, new_id, record_event
 from wasmflow.storage import migrations as dbmod
 from wasmflow.storage import open_database
 
@@ -288,3 +288,15 @@ def test_batched_recording_stores_each_dedupe_key_once(db):
     assert results[2].event_id == results[0].event_id
     assert scalar(db, "SELECT count(*) FROM events") == 3
     assert scalar(db, "SELECT count(*) FROM runs") == 3
+
+
+def test_ids_sort_by_creation_time_and_do_not_repeat():
+    """Time first (new rows land at the end of their indexes), random after (ids of one millisecond,
+    from any process, stay apart)."""
+    earlier = [new_id() for _ in range(20_000)]
+    time.sleep(0.003)
+    later = new_id()
+    assert len(set(earlier)) == len(earlier)
+    assert all(len(i) == 24 and int(i, 16) >= 0 for i in earlier)
+    assert later > max(earlier)
+    assert abs(int(later[:11], 16) - time.time() * 1000) < 1000

@@ -40,10 +40,16 @@ _ids = random.Random(os.urandom(32))
 
 
 def new_id() -> str:
-    """16 hex digits, random. Not uuid4: it reads the kernel's random source on every call, a system call
-    that costs as much as the rest of an acknowledgement in a sandbox; one seed per process is enough
-    for ids that only need to be unique (a collision is an IntegrityError, never a silent merge)."""
-    return f"{_ids.getrandbits(64):016x}"
+    """24 hex digits: the time in milliseconds (11), then 52 random bits (13), as UUIDv7 orders them.
+
+    Time first, so that a batch's new events and runs land at the end of their primary keys and of the
+    `(event_id, flow, seq)` index, on a few pages, instead of one page each anywhere in the tree: on
+    SQLite every page a commit dirtied is written to the log (two system calls a page), and a batch of
+    deliveries with random ids dirtied about three times as many (docs/control-plane.md). 52 random bits
+    a millisecond keep ids from processes that share a database apart (a collision is an IntegrityError,
+    never a silent merge). Not uuid: it reads the kernel's random source on every call, a system call
+    that costs as much as the rest of an acknowledgement in a sandbox; one seed per process is enough."""
+    return f"{time.time_ns() // 1_000_000:011x}{_ids.getrandbits(52):013x}"
 
 
 @dataclass
