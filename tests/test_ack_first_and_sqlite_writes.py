@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from wasmflow.platform.ack_first import AckFirst
+from wasmflow.platform.ack_first import STALE, ActivityFile, AckFirst
 from wasmflow.host_functions.kv import KeyValueStore
 from wasmflow.storage import open_database
 from wasmflow.storage.sqlite_writes import lock_for
@@ -39,6 +39,57 @@ def test_claims_wait_while_a_delivery_is_answered_and_never_longer_than_the_boun
     t0 = time.monotonic()
     acks.wait(stopping)
     assert time.monotonic() - t0 < 0.05
+
+
+def _waited(acks: AckFirst) -> float:
+    t0 = time.monotonic()
+    acks.wait(threading.Event())
+    return time.monotonic() - t0
+
+
+def test_a_process_without_ingress_gives_way_to_the_ingress_of_its_machine(tmp_path: Path) -> None:
+    """`wasmflow worker` beside `up --workers 0`: the two share the state directory's activity file."""
+    path = tmp_path / "ingress-activity"
+    worker = AckFirst(quiet=0.01, longest=0.2, neighbour=ActivityFile(path))
+    assert _waited(worker) < 0.05  # no ingress on this machine (no file): no waiting
+    ingress = AckFirst(quiet=0.01, longest=0.2, neighbour=ActivityFile(path))
+    ingress.serve_ingress()
+    worker.neighbour._next_look = 0.0  # (it looks for a missing file once a second)
+    assert _waited(worker) < 0.05  # an ingress with nothing to do
+    ingress.arrived()  # a delivery in progress there
+    assert 0.18 <= _waited(worker) < 1.0  # waits, never longer than the bound
+    assert _waited(ingress) >= 0.18  # (the ingress's own claims wait on its own count, as before)
+    threading.Timer(0.05, ingress.answered).start()
+    waited = _waited(worker)
+    assert 0.05 <= waited < 0.15  # answered after 50 ms: the worker goes on `quiet` later
+    time.sleep(0.02)
+    assert _waited(worker) < 0.05
+
+
+def test_a_neighbour_stuck_or_from_before_a_reboot_holds_nobody_back(tmp_path: Path) -> None:
+    path = tmp_path / "ingress-activity"
+    ingress = AckFirst(quiet=0.01, neighbour=ActivityFile(path))
+    ingress.serve_ingress()
+    worker = AckFirst(quiet=0.01, longest=0.2, neighbour=ActivityFile(path))
+    ingress.neighbour.publish(time.monotonic() - STALE - 0.1, 3)  # answering, but unchanged for too long
+    assert _waited(worker) < 0.05
+    ingress.neighbour.publish(time.monotonic() + 3600.0, 0)  # a time this boot's clock has not reached
+    assert _waited(worker) < 0.05
+    ingress.neighbour.publish(time.monotonic(), 0)  # a delivery answered just now: busy for `quiet`
+    assert 0.005 <= _waited(worker) < 0.1
+    path.write_bytes(b"\0")  # a file cut short: no neighbour, and no fault in a reader that has it open
+    assert _waited(worker) < 0.05
+    assert _waited(AckFirst(quiet=0.01, neighbour=ActivityFile(path))) < 0.05
+    ingress.close()
+    worker.close()
+
+
+def test_an_unwritable_state_directory_only_costs_the_hint(tmp_path: Path, caplog) -> None:
+    ingress = AckFirst(neighbour=ActivityFile(tmp_path / "missing-directory" / "ingress-activity"))
+    ingress.serve_ingress()  # logged, not raised: `up` starts all the same
+    ingress.arrived()
+    ingress.answered()
+    assert "will not give way" in caplog.text
 
 
 def test_writers_of_one_process_take_turns_and_readers_do_not_wait(tmp_path: Path) -> None:

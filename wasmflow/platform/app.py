@@ -27,7 +27,7 @@ from wasmflow.console.auth import ConsoleAuth
 from wasmflow.console.server import mount_console
 from wasmflow.console.services import ConsoleServices
 from wasmflow.console.setup import add_setup_routes
-from wasmflow.platform.ack_first import AckFirst
+from wasmflow.platform.ack_first import ActivityFile, AckFirst
 from wasmflow.platform.github_manifest import Registrar
 from wasmflow.platform.ingress import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY, Ingress, error
 from wasmflow.platform.metrics import Metrics
@@ -38,6 +38,9 @@ from wasmflow.platform.worker import Dispatcher, worker_name
 from wasmflow.runtime import Runtime
 
 log = logging.getLogger("wasmflow.platform")
+
+# In the state directory: when this machine's ingress last saw a delivery (platform/ack_first.py).
+INGRESS_ACTIVITY = "ingress-activity"
 
 RouteHook = Callable[[web.Application, Runtime], None]
 
@@ -99,7 +102,9 @@ class Platform:
             self.metrics.watch_models(runtime.host.capability("nn").registry.stats)
         self.queue = Queue(self.db, self.owner, lease_seconds=self.options.lease_seconds)
         self.dispatcher: Optional[Dispatcher] = None
-        self.ack_first = AckFirst()  # runs started here give way to the webhooks answered here
+        # Runs started here give way to the webhooks answered here, or by the ingress of this machine
+        # when this process serves none (a `wasmflow worker` beside `up --workers 0`).
+        self.ack_first = AckFirst(neighbour=ActivityFile(runtime.state_dir / INGRESS_ACTIVITY))
         if self.options.dispatch:
             self.dispatcher = Dispatcher(runtime, self.queue, self.metrics, concurrency=self.options.workers,
                                          poll_interval=self.options.poll_interval, yield_to=self.ack_first)
@@ -180,6 +185,7 @@ class Platform:
             self._scheduler_thread.join(timeout=5)
         released = self.dispatcher.stop(self.options.grace_seconds) if self.dispatcher else 0
         self.writer.close()
+        self.ack_first.close()
         self.run_pool.shutdown(wait=False, cancel_futures=True)
         self.db_pool.shutdown(wait=False, cancel_futures=True)
         if self._lock_fd is not None:
@@ -196,6 +202,7 @@ class Platform:
         A hook is `hook(app, runtime)`; `default_route_hooks()` lists the ones other areas provide.
         """
         app = web.Application(client_max_size=self.options.max_body + 1, middlewares=[_json_errors])
+        self.ack_first.serve_ingress()
         ingress = Ingress(self.runtime, self.writer, self.queue, self.metrics, self.run_pool, self.db_pool,
                           self.options.webhook_secret or webhook_secret(self.runtime), self.options.max_body,
                           self.options.body_timeout, ack_first=self.ack_first)
