@@ -49,7 +49,7 @@ def new_id() -> str:
     a millisecond keep ids from processes that share a database apart (a collision is an IntegrityError,
     never a silent merge). Not uuid: it reads the kernel's random source on every call, a system call
     that costs as much as the rest of an acknowledgement in a sandbox; one seed per process is enough."""
-    return f"{time.time_ns() // 1_000_000:011x}{_ids.getrandbits(52):013x}"
+    return f"{time.time_ns() // 1_000_000 << 52 | _ids.getrandbits(52):024x}"
 
 
 @dataclass
@@ -420,7 +420,8 @@ def list_runs(db: sa.Engine, flow: Optional[str] = None, state: Optional[str] = 
 
 
 def get_run(db: sa.Engine, run_id: str) -> Optional[sa.Row]:
-    """A run by id, or by a unique prefix of at least 6 characters (ids are printed shortened)."""
+    """A run by id, or by a unique prefix of at least 6 characters (ids are time-ordered: a short prefix
+    may match many runs, and then names none)."""
     with db.connect() as conn:
         row = conn.execute(sa.select(runs_table).where(runs_table.c.id == run_id)).first()
         if row is None and len(run_id) >= 6:
