@@ -35,6 +35,9 @@ log = logging.getLogger("wasmflow.platform")
 # A neighbour whose deliveries in progress have not changed for this long is taken to be idle: it died
 # while answering, or one stuck handler must not hold the workers back.
 STALE = 1.0
+# How often a process without ingress looks at a busy neighbour again. Each look wakes a thread; every
+# 2 ms (`quiet`) the two workers' waiting threads took more CPU than the runs they put off.
+NEIGHBOUR_POLL = 0.02
 
 
 class ActivityFile:
@@ -105,7 +108,7 @@ class AckFirst:
     writes safe enough for a scheduling hint); a waiter sleeps on an Event the last answer sets, not in
     a polling loop: a thread that wakes every millisecond takes the interpreter from the handlers each
     time. Waiting for a neighbour's deliveries (`neighbour`, read while this process serves none) does
-    poll, every `quiet` at most: that interpreter is not the one answering them."""
+    poll, every `NEIGHBOUR_POLL`: that interpreter is not the one answering them."""
 
     def __init__(self, quiet: float = 0.002, longest: float = 0.2,
                  neighbour: Optional[ActivityFile] = None) -> None:
@@ -161,8 +164,9 @@ class AckFirst:
             quiet_left = self.quiet - (now - self._last)
             if quiet_left <= 0 and self.neighbour is not None and not self._publishing:
                 idle = self.neighbour.idle_for(now)
-                if idle is not None:
-                    quiet_left = self.quiet - idle
+                if idle is not None and idle < self.quiet:
+                    stopping.wait(min(NEIGHBOUR_POLL, left))
+                    continue
             if quiet_left <= 0:
                 return True
             stopping.wait(min(quiet_left, left))
