@@ -2,7 +2,9 @@
 
 Concurrent senders post signed GitHub deliveries on loopback to a `wasmflow up` subprocess serving the
 hello flow, once on SQLite and once on PostgreSQL (when a URL is given). The baseline, measured in the
-same run with the same senders, is a bare aiohttp server whose handler does nothing but answer 202.
+same run with the same senders, is a bare aiohttp server whose handler does nothing but answer 202,
+measured before each configuration and after the last: a configuration's share of the baseline's rate
+(and its p99 against the baseline's) is taken against the two measured beside it.
 
 - ack latency: from sending a delivery to its 202 (p50 / p99 / max), per request.
 - completed runs/s: deliveries divided by the time from the first send to the moment the last run is
@@ -226,6 +228,16 @@ def drop_schema(base: str, schema: str) -> None:
     admin.dispose()
 
 
+def _merged(runs: list[dict]) -> dict:
+    """The median of each figure over rounds, and the range of the p99s."""
+    merged: dict = dict(name=runs[0]["name"])
+    for key in ("p50", "p99", "max", "acks_per_s", "runs_per_s"):
+        values = [r[key] for r in runs]
+        merged[key] = None if values[0] is None else statistics.median(values)
+    merged["p99_range"] = (min(r["p99"] for r in runs), max(r["p99"] for r in runs))
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deliveries", type=int, default=3000)
@@ -249,43 +261,56 @@ def main() -> None:
         finally:
             drop_schema(args.postgres_url, schema)
 
-    configs = [lambda: run_baseline(args.deliveries, args.concurrency),
-               lambda: run_wasmflow("wasmflow up, SQLite", wasm, args.deliveries, args.concurrency, args.workers, None)]
+    baseline = lambda: run_baseline(args.deliveries, args.concurrency)  # noqa: E731
+    configs = [lambda: run_wasmflow("wasmflow up, SQLite", wasm, args.deliveries, args.concurrency, args.workers, None)]
     if args.postgres_url:
         configs.append(lambda: on_postgres("wasmflow up, PostgreSQL", 0))
         configs.append(lambda: on_postgres("up --workers 0 + 2 worker processes, PostgreSQL", 2))
     else:
         console.print("[yellow]PostgreSQL skipped: pass --postgres-url or set WASMFLOW_TEST_POSTGRES_URL[/yellow]")
-    # Rounds interleave the configurations, so a burst of load from elsewhere on the machine does not
-    # land on one configuration only; each figure is the median over the rounds.
-    rounds: list[list[dict]] = [[config() for config in configs] for _ in range(args.repeat)]
-    results = []
+    # Rounds interleave the configurations, and the baseline runs before each of them and after the
+    # last: this machine's speed swings by half within minutes, and the bare server's rate swings the
+    # most, so each configuration's share is taken against the baselines measured right before and
+    # after it. Each figure is the median over the rounds.
+    rounds: list[dict] = []
+    for _ in range(args.repeat):
+        measured = [baseline()]
+        for config in configs:
+            measured += [config(), baseline()]
+        rounds.append(dict(baselines=measured[0::2], results=measured[1::2]))
+    all_baselines = [b for r in rounds for b in r["baselines"]]
+    results = [_merged(all_baselines)]
     for i in range(len(configs)):
-        runs = [r[i] for r in rounds]
-        merged = dict(name=runs[0]["name"])
-        for key in ("p50", "p99", "max", "acks_per_s", "runs_per_s"):
-            values = [r[key] for r in runs]
-            merged[key] = None if values[0] is None else statistics.median(values)
-        merged["p99_range"] = (min(r["p99"] for r in runs), max(r["p99"] for r in runs))
+        runs = [r["results"][i] for r in rounds]
+        merged = _merged(runs)
+        # the share and the p99 ratio against the two baselines beside the run, per round
+        beside = [(r["baselines"][i], r["baselines"][i + 1]) for r in rounds]
+        merged["share"] = statistics.median(
+            run["acks_per_s"] / statistics.mean(b["acks_per_s"] for b in pair) for run, pair in zip(runs, beside))
+        merged["p99_ratio"] = statistics.median(
+            run["p99"] / statistics.mean(b["p99"] for b in pair) for run, pair in zip(runs, beside))
         results.append(merged)
 
     table = Table(title=f"{args.deliveries} signed deliveries, {args.concurrency} concurrent senders, hello flow, "
                         f"{args.workers} run slots, {os.cpu_count()} cores, median of {args.repeat} round(s)")
-    for col in ("server", "ack p50 ms", "ack p99 ms", "p99 range", "ack max ms", "acks/s", "completed runs/s"):
+    for col in ("server", "ack p50 ms", "ack p99 ms", "p99 range", "ack max ms", "acks/s", "share", "p99 ×",
+                "completed runs/s"):
         table.add_column(col, justify="left" if col == "server" else "right")
     for r in results:
         low, high = r["p99_range"]
         table.add_row(r["name"], f"{r['p50']:.1f}", f"{r['p99']:.1f}", f"{low:.0f}-{high:.0f}", f"{r['max']:.1f}",
-                      f"{r['acks_per_s']:.0f}", "-" if r["runs_per_s"] is None else f"{r['runs_per_s']:.0f}")
+                      f"{r['acks_per_s']:.0f}", f"{r['share']:.0%}" if "share" in r else "-",
+                      f"{r['p99_ratio']:.1f}" if "p99_ratio" in r else "-",
+                      "-" if r["runs_per_s"] is None else f"{r['runs_per_s']:.0f}")
     console.print(table)
     for r in results:  # one plain line each, for logs and reports
         runs = "-" if r["runs_per_s"] is None else f"{r['runs_per_s']:.0f}"
         print(f"RESULT {r['name']}: ack p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms, "
               f"{r['acks_per_s']:.0f} acks/s, {runs} completed runs/s")
-    base = results[0]
     for r in results[1:]:
-        console.print(f"{r['name']}: acks at [bold]{r['acks_per_s'] / base['acks_per_s']:.0%}[/bold] of the baseline's "
-                      f"rate (goal >= 50%), ack p99 [bold]{r['p99'] / base['p99']:.1f}x[/bold] the baseline's (goal <= 2x)")
+        console.print(f"{r['name']}: acks at [bold]{r['share']:.0%}[/bold] of the baseline's rate (goal >= 50%), "
+                      f"ack p99 [bold]{r['p99_ratio']:.1f}x[/bold] the baseline's (goal <= 2x), against the "
+                      "baselines measured just before and after it")
     sqlite = results[1]["runs_per_s"]
     for r in results[2:]:
         console.print(f"{r['name']}: [bold]{r['runs_per_s'] / sqlite:.2f}x[/bold] SQLite's completed runs/s (goal >= 1)")
