@@ -105,9 +105,9 @@ class Runtime:
     def run(self, flow_name: str, event: Event, run_id: Optional[str] = None, attempt: int = 1, **kw) -> RunResult:  # type: ignore[no-untyped-def]
         """Run a flow once. A module that cannot load is a result with status `invalid`, not an exception."""
         flow = self.flows.flow(flow_name)
-        request = RunRequest(flow=flow, event=event, attempt=attempt, **kw)
         if run_id:
-            request.run_id = run_id
+            kw["run_id"] = run_id
+        request = RunRequest(flow=flow, event=event, attempt=attempt, **kw)
         try:
             module = self.module_for(flow)
         except ModuleError as exc:
