@@ -175,7 +175,7 @@ def test_http_trigger_failure_is_500_with_run_id_and_no_traceback(server):
     resp = requests.post(f"{server.base}/flows/broken", data=b"x")
     assert resp.status_code == 500
     body = resp.json()
-    assert body["status"] == "trap" and len(body["run_id"]) == 24
+    assert body["status"] == "trap" and len(body["run_id"]) == 16
     assert "Traceback" not in resp.text
     assert scalar(server.platform.db, "SELECT state FROM runs WHERE id = :id", id=body["run_id"]) == "dead"
 

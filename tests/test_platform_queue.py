@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from wasmflow.engine.base import RunResult, Status
 from wasmflow.flows.model import Flow, FlowsFile, Retry
 from wasmflow.platform.queue import MAX_LEASE_LOSSES, Queue, ReplayError, backoff_delay, replay
-from wasmflow.platform.store import NewEvent, NewRun, new_id, record_event
+from wasmflow.platform.store import NewEvent, NewRun, new_event_id, new_id, record_event
 from wasmflow.storage import migrations as dbmod
 from wasmflow.storage import open_database
 
@@ -290,13 +290,17 @@ def test_batched_recording_stores_each_dedupe_key_once(db):
     assert scalar(db, "SELECT count(*) FROM runs") == 3
 
 
-def test_ids_sort_by_creation_time_and_do_not_repeat():
-    """Time first (new rows land at the end of their indexes), random after (ids of one millisecond,
-    from any process, stay apart)."""
-    earlier = [new_id() for _ in range(20_000)]
+def test_event_ids_sort_by_creation_time_and_run_ids_differ_from_the_first_digits():
+    """Event ids put the time first (new rows land at the end of their indexes), random after (ids of
+    one millisecond, from any process, stay apart); run ids are random throughout, because people name
+    a run by a short prefix."""
+    earlier = [new_event_id() for _ in range(20_000)]
     time.sleep(0.003)
-    later = new_id()
+    later = new_event_id()
     assert len(set(earlier)) == len(earlier)
     assert all(len(i) == 24 and int(i, 16) >= 0 for i in earlier)
     assert later > max(earlier)
     assert abs(int(later[:11], 16) - time.time() * 1000) < 1000
+    runs = [new_id() for _ in range(20_000)]
+    assert all(len(i) == 16 for i in runs)
+    assert len({i[:6] for i in runs}) > 19_000  # 6 digits tell almost all of 20,000 runs of a moment apart

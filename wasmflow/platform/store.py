@@ -40,15 +40,22 @@ _ids = random.Random(os.urandom(32))
 
 
 def new_id() -> str:
+    """16 hex digits, random: a run's id, which people name by a short prefix (`wasmflow logs 3fa9c1`,
+    `cancel`, `replay`, the console), so its first digits must tell runs apart. Not uuid4: it reads the
+    kernel's random source on every call, a system call that costs as much as the rest of an
+    acknowledgement in a sandbox; one seed per process is enough for ids that only need to be unique (a
+    collision is an IntegrityError, never a silent merge)."""
+    return f"{_ids.getrandbits(64):016x}"
+
+
+def new_event_id() -> str:
     """24 hex digits: the time in milliseconds (11), then 52 random bits (13), as UUIDv7 orders them.
 
-    Time first, so that a batch's new events and runs land at the end of their primary keys and of the
-    `(event_id, flow, seq)` index, on a few pages, instead of one page each anywhere in the tree: on
-    SQLite every page a commit dirtied is written to the log (two system calls a page), and a batch of
-    deliveries with random ids dirtied about three times as many (docs/control-plane.md). 52 random bits
-    a millisecond keep ids from processes that share a database apart (a collision is an IntegrityError,
-    never a silent merge). Not uuid: it reads the kernel's random source on every call, a system call
-    that costs as much as the rest of an acknowledgement in a sandbox; one seed per process is enough."""
+    An event is never named by a prefix, so its id can put the time first: a batch's new events then
+    land at the end of the events' primary key, and their runs at the end of `(event_id, flow, seq)`, a
+    few pages for the whole batch, where random ids put each row on a page of its own in both (on
+    SQLite every page a commit dirtied is written to the log; docs/control-plane.md). 52 random bits a
+    millisecond keep the ids of processes sharing a database apart."""
     return f"{time.time_ns() // 1_000_000 << 52 | _ids.getrandbits(52):024x}"
 
 
@@ -79,7 +86,7 @@ class NewEvent:
     dedupe_key: Optional[str] = None
     delivery_id: Optional[str] = None
     note: Optional[str] = None
-    id: str = field(default_factory=new_id)
+    id: str = field(default_factory=new_event_id)
     received_at: float = field(default_factory=time.time)
 
 
