@@ -238,8 +238,8 @@ def event_detail(row: Any) -> dict[str, Any]:
 
 
 def find_run_row(conn: sa.Connection, run_id: str) -> Optional[Any]:
-    """A run by id, or by a unique prefix of at least 6 characters (ids are time-ordered: a short prefix
-    may match many runs, and then names none)."""
+    """A run by id, or by a unique prefix of at least 6 characters (what people type for the
+    whole id; one matching several runs names none)."""
     r = runs_table
     row = conn.execute(sa.select(r).where(r.c.id == run_id)).first()
     if row is None and len(run_id) >= 6 and run_id.isalnum():

@@ -427,8 +427,8 @@ def list_runs(db: sa.Engine, flow: Optional[str] = None, state: Optional[str] = 
 
 
 def get_run(db: sa.Engine, run_id: str) -> Optional[sa.Row]:
-    """A run by id, or by a unique prefix of at least 6 characters (ids are time-ordered: a short prefix
-    may match many runs, and then names none)."""
+    """A run by id, or by a unique prefix of at least 6 characters (what people type for the
+    whole id; one matching several runs names none)."""
     with db.connect() as conn:
         row = conn.execute(sa.select(runs_table).where(runs_table.c.id == run_id)).first()
         if row is None and len(run_id) >= 6:
