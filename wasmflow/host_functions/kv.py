@@ -87,7 +87,7 @@ class KeyValueStore:
     than the database work itself on a run's hot path. get, set and delete (what most guests call) run
     on the driver's cursor (`DriverStatement`), compiled when the store is made: through SQLAlchemy's
     execution each took about as long as the database's work, and a process's first run compiled each
-    statement it met (about half a millisecond of the first run of `hello`, which gets and sets).
+    statement it met (a new process's first get took a millisecond).
     """
 
     _flow, _key, _value, _now = (sa.bindparam(n) for n in ("p_flow", "p_key", "p_value", "p_now"))
